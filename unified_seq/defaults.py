@@ -1,0 +1,117 @@
+"""Default config blocks shared by the files in configs/.
+
+Each function returns a fresh ConfigDict holding the official Pix2Seq v2
+settings (DESIGN §2–§4); config files start from them and override what their
+setting needs. Task blocks are keyed by task name in `config.tasks`.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+TASK_NAMES = (
+    "object_detection",
+    "instance_segmentation",
+    "keypoint_detection",
+    "captioning",
+)
+
+# Batch-mixing loss weights found greedily in the paper (DESIGN §4).
+TASK_WEIGHTS = {
+    "object_detection": 0.1782,
+    "instance_segmentation": 0.7128,
+    "captioning": 0.099,
+    "keypoint_detection": 0.01,
+}
+
+
+def vocab_config() -> ml_collections.ConfigDict:
+    """Official token layout: 1000 bins at 1000, text at 3000, 32k pieces."""
+    return ml_collections.ConfigDict(
+        {"coord_shift": 1000, "bins": 1000, "text_shift": 3000, "text_vocab_size": 32000}
+    )
+
+
+def data_config() -> ml_collections.ConfigDict:
+    """Where examples come from and how the input pipeline treats them."""
+    return ml_collections.ConfigDict(
+        {
+            "source": "synthetic",  # synthetic | coco_json | tfds
+            "coco_dir": "",  # root of the COCO 2017 layout (coco_json)
+            "tfds_data_dir": "",  # tensorflow-datasets data_dir (tfds)
+            "train_split": "train",
+            "eval_split": "val",
+            "image_size": 640,  # side of the square model input
+            "pad_value": 0.3,
+            "num_keypoints": 17,
+            # "fail" raises DataError naming the file; "skip" drops and counts.
+            "on_bad_image": "fail",
+            "tokenizer_path": "",  # SentencePiece model; trained when empty
+            "shuffle_buffer": 1024,
+            "num_parallel_calls": -1,  # tf.data.AUTOTUNE
+            "prefetch": 2,
+            "synthetic": {
+                "dir": "",  # where to write the generated set; cache dir when empty
+                "seed": 0,
+                "num_train": 2000,
+                "num_val": 200,
+                "image_size": 128,
+            },
+        }
+    )
+
+
+def task_configs() -> ml_collections.ConfigDict:
+    """Per-task codec, augmentation and sampling settings (official values)."""
+    common = {"scale_jitter": (0.3, 2.0), "flip": True, "temperature": 1.0, "top_k": 0}
+    return ml_collections.ConfigDict(
+        {
+            "object_detection": {
+                **common,
+                "weight": TASK_WEIGHTS["object_detection"],
+                "max_instances": 100,
+                "eos_weight": 0.1,
+                "noise_objects": True,
+                # rand_n_fake_cls: input class tokens become a random class or
+                # the fake class, 50/50; "none" keeps them.
+                "class_corruption": "rand_n_fake_cls",
+                "top_p": 0.4,
+                "drop_fake": True,
+            },
+            "instance_segmentation": {
+                **common,
+                "scale_jitter": (0.3, 1.0),
+                "weight": TASK_WEIGHTS["instance_segmentation"],
+                "max_points": 128,
+                "eos_weight": 1.0,
+                "crop_to_box": False,
+                "crop_scale": 2.0,  # crop side = crop_scale x box side
+                "num_samples": 8,
+                "mask_threshold": 0.5,
+                "top_p": 0.8,
+            },
+            "keypoint_detection": {
+                **common,
+                "scale_jitter": (0.3, 1.0),
+                "weight": TASK_WEIGHTS["keypoint_detection"],
+                "person_class": 1,
+                "invisible_weight": 0.1,
+                "eos_weight": 0.0,
+                "crop_to_box": True,
+                "crop_scale": 2.0,
+                # Official: random share of answer input tokens → INVISIBLE.
+                "input_mask_rate": True,
+                "top_p": 0.1,
+            },
+            "captioning": {
+                **common,
+                "weight": TASK_WEIGHTS["captioning"],
+                "max_len": 128,
+                "eos_weight": 0.1,
+                "captions_per_image": 5,
+                "input_drop_rate": 0.5,
+                "color_jitter": 0.5,
+                "top_p": 1.0,
+            },
+        }
+    )
