@@ -1,0 +1,185 @@
+"""The cached while-loop sampler agrees with plain teacher-forced decoding."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from unified_seq.decoding import MASKED_LOGIT, filter_logits, sample_sequences
+from unified_seq.models import build_model, model_config
+
+VOCAB = 300
+MAX_LEN = 24  # decoder positions: prompt + answer
+TINY = dict(
+    patch_size=8,
+    enc_depth=1,
+    enc_width=32,
+    enc_mlp_dim=64,
+    enc_heads=2,
+    dec_depth=2,
+    dec_width=32,
+    dec_mlp_dim=64,
+    dec_heads=4,
+)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = build_model(model_config("tiny", **TINY), VOCAB, max_len=MAX_LEN)
+    images = jax.random.uniform(jax.random.key(1), (3, 32, 32, 3))
+    variables = jax.jit(model.init)(jax.random.key(0), images, jnp.zeros((3, 4), jnp.int32))
+    encoded = model.apply(variables, images, method=model.encode)
+    return model, variables, encoded
+
+
+def _with_eos_bias(variables, bias):
+    params = jax.tree.map(lambda x: x, variables["params"])
+    params["decoder"]["output_bias"] = params["decoder"]["output_bias"].at[0].add(bias)
+    return {"params": params}
+
+
+def _sampler(model, **kw):
+    return jax.jit(functools.partial(sample_sequences, model, **kw))
+
+
+def _prompts(batch, length):
+    return (
+        jnp.tile(jnp.arange(10, 10 + length, dtype=jnp.int32)[None], (batch, 1))
+        + jnp.arange(batch, dtype=jnp.int32)[:, None]
+    )
+
+
+@pytest.mark.parametrize("prompt_len", [1, 4])
+def test_cached_logits_equal_teacher_forcing(setup, prompt_len):
+    model, variables, encoded = setup
+    steps = MAX_LEN - prompt_len + 1
+    prompts = _prompts(3, prompt_len)
+    out = _sampler(model, max_len=steps, return_logits=True, logits_range=(100, 200))(
+        variables, encoded, prompts, jax.random.key(5)
+    )
+    n = int(out["num_steps"])
+    assert n == steps  # random weights: EOS (1 of 300 tokens) is rare
+    # The decoder read the prompt and every answer token but the last.
+    fed = jnp.concatenate([prompts, out["tokens"][:, :-1]], axis=1)
+    full = model.apply(variables, fed, encoded, method=model.decode)
+    expected = full[:, prompt_len - 1 :]
+    np.testing.assert_allclose(out["logits"][:, :n], expected[:, :n], atol=1e-4, rtol=1e-4)
+
+    log_probs = jax.nn.log_softmax(expected, axis=-1)
+    picked = jnp.take_along_axis(log_probs, out["tokens"][..., None], axis=-1)[..., 0]
+    live = np.arange(steps)[None] <= np.asarray(out["length"])[:, None]
+    np.testing.assert_allclose(
+        np.where(live, out["token_logprob"], 0), np.where(live, picked, 0), atol=1e-4
+    )
+    probs = jax.nn.softmax(expected, axis=-1)[..., 100:200]
+    np.testing.assert_allclose(
+        np.where(live[..., None], out["range_probs"], 0),
+        np.where(live[..., None], probs, 0),
+        atol=1e-6,
+    )
+
+
+def test_greedy_equals_naive_argmax_loop(setup):
+    model, variables, encoded = setup
+    prompts, steps = _prompts(3, 2), 12
+    out = _sampler(model, max_len=steps, greedy=True)(
+        variables, encoded, prompts, jax.random.key(0)
+    )
+
+    # No cache: a full forward pass per token. The sequence buffer has a fixed
+    # length (one compilation); causality makes the unwritten tail irrelevant.
+    decode = jax.jit(functools.partial(model.apply, method=model.decode))
+    seq = np.zeros((3, 2 + steps), np.int32)
+    seq[:, :2] = prompts
+    done = np.zeros(3, bool)
+    for i in range(steps):
+        logits = decode(variables, jnp.asarray(seq), encoded)
+        token = np.where(done, 0, np.asarray(jnp.argmax(logits[:, 1 + i], axis=-1)))
+        done |= token == 0
+        seq[:, 2 + i] = token
+    np.testing.assert_array_equal(out["tokens"], seq[:, 2:])
+
+
+def test_top_k_one_and_tiny_nucleus_equal_greedy(setup):
+    model, variables, encoded = setup
+    prompts = _prompts(3, 2)
+    greedy = _sampler(model, max_len=10, greedy=True)(
+        variables, encoded, prompts, jax.random.key(0)
+    )
+    for kw in (dict(top_k=1), dict(top_p=1e-6), dict(temperature=0.0)):
+        sampled = _sampler(model, max_len=10, **kw)(variables, encoded, prompts, jax.random.key(7))
+        np.testing.assert_array_equal(sampled["tokens"], greedy["tokens"])
+    free = _sampler(model, max_len=10)(variables, encoded, prompts, jax.random.key(7))
+    assert not np.array_equal(free["tokens"], greedy["tokens"])
+
+
+def test_loop_stops_early_when_every_sequence_ended(setup):
+    model, variables, encoded = setup
+    eos_first = _with_eos_bias(variables, 100.0)
+    out = _sampler(model, max_len=20, logits_range=(0, 5))(
+        eos_first, encoded, _prompts(3, 2), jax.random.key(0)
+    )
+    assert int(out["num_steps"]) == 1
+    np.testing.assert_array_equal(out["length"], [0, 0, 0])
+    assert bool(out["done"].all())
+    np.testing.assert_array_equal(out["tokens"], 0)
+    np.testing.assert_allclose(out["range_probs"][:, 0, 0], 1.0, atol=1e-6)
+    np.testing.assert_array_equal(out["range_probs"][:, 1:], 0.0)
+
+
+def test_padding_after_eos_per_sequence(setup):
+    model, variables, encoded = setup
+    # EOS about as likely as all other tokens together: sequences end at
+    # different steps; finished ones must keep emitting padding.
+    likely_eos = _with_eos_bias(variables, 6.0)
+    steps = MAX_LEN - 2
+    encoded = jnp.repeat(encoded, 4, axis=0)
+    out = _sampler(model, max_len=steps)(
+        likely_eos, encoded, _prompts(3 * 4, 2), jax.random.key(11)
+    )
+    tokens, length = np.asarray(out["tokens"]), np.asarray(out["length"])
+    assert len(set(length.tolist())) > 2, length  # the rows really ended apart
+    for row, n in zip(tokens, length, strict=True):
+        assert np.all(row[:n] != 0)
+        np.testing.assert_array_equal(row[n:], 0)
+    logprob = np.asarray(out["token_logprob"])
+    after = np.arange(steps)[None] > length[:, None]
+    np.testing.assert_array_equal(logprob[after], 0.0)
+    assert int(out["num_steps"]) == (length.max() + 1 if out["done"].all() else steps)
+
+
+def test_filter_logits_on_a_hand_made_distribution():
+    probs = np.array([0.15, 0.5, 0.05, 0.3])  # order by probability: 1, 3, 0, 2
+    logits = jnp.log(jnp.asarray(probs, jnp.float32))
+
+    def kept(**kw):
+        return set(np.flatnonzero(np.asarray(filter_logits(logits, **kw)) > MASKED_LOGIT / 2))
+
+    assert kept(top_p=0.85) == {1, 3}  # 0.5 + 0.3 ≤ 0.85; the 0.15 that crosses is dropped
+    assert kept(top_p=0.96) == {1, 3, 0}
+    assert kept(top_p=0.3) == {1}  # the top token is always kept
+    assert kept(top_p=1.0) == {0, 1, 2, 3}
+    assert kept(top_k=2) == {1, 3}
+    assert kept(top_k=3, top_p=0.85) == {1, 3}
+    # Ties with the k-th largest logit are kept, as in the official code.
+    tie = filter_logits(jnp.array([1.0, 1.0, 0.0]), top_k=1)
+    np.testing.assert_array_equal(tie, [1.0, 1.0, MASKED_LOGIT])
+    # Kept logits are unchanged.
+    np.testing.assert_array_equal(filter_logits(logits, top_p=0.85)[1], logits[1])
+
+
+def test_compiles_once_for_two_calls(setup):
+    model, variables, encoded = setup
+    traces = []
+
+    def counted(variables, encoded, prompts, rng):
+        traces.append(1)
+        return sample_sequences(model, variables, encoded, prompts, rng, max_len=8, top_p=0.9)
+
+    sample = jax.jit(counted)
+    a = sample(variables, encoded, _prompts(3, 2), jax.random.key(0))
+    b = sample(variables, encoded, _prompts(3, 2) + 1, jax.random.key(1))
+    jax.block_until_ready((a, b))
+    assert len(traces) == 1

@@ -1,0 +1,148 @@
+"""The encoder-decoder: shapes, causality, dropout, sizes and the sin-cos code."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from unified_seq.models import SIZES, build_model, model_config
+from unified_seq.models.vit import posemb_sincos_2d
+
+VOCAB = 300
+TINY = dict(
+    patch_size=8,
+    enc_depth=1,
+    enc_width=32,
+    enc_mlp_dim=64,
+    enc_heads=2,
+    dec_depth=2,
+    dec_width=32,
+    dec_mlp_dim=64,
+    dec_heads=4,
+)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = build_model(model_config("tiny", **TINY), VOCAB, max_len=16)
+    images = jax.random.uniform(jax.random.key(1), (2, 32, 32, 3))
+    tokens = jax.random.randint(jax.random.key(2), (2, 10), 0, VOCAB)
+    variables = jax.jit(model.init)(jax.random.key(0), images, tokens)
+    return model, variables, images, tokens
+
+
+def test_shapes_for_one_and_several_sequences_per_image(setup):
+    model, variables, images, tokens = setup
+    logits, extras = model.apply(variables, images, tokens)
+    assert logits.shape == (2, 10, VOCAB) and logits.dtype == jnp.float32
+    assert extras["encoded"].shape == (2, 16, 32)  # 32 / 8 = 4 → 4 × 4 image tokens
+
+    several = jnp.stack([tokens, jnp.flip(tokens, 1), tokens], axis=1)  # [B, C=3, T]
+    logits3, _ = model.apply(variables, images, several)
+    assert logits3.shape == (2, 3, 10, VOCAB)
+    # Each sequence is decoded against its own image.
+    np.testing.assert_allclose(logits3[:, 0], logits, atol=1e-5)
+    np.testing.assert_allclose(logits3[:, 2], logits, atol=1e-5)
+    flipped, _ = model.apply(variables, images, jnp.flip(tokens, 1))
+    np.testing.assert_allclose(logits3[:, 1], flipped, atol=1e-5)
+
+
+def test_decoder_is_causal(setup):
+    model, variables, images, tokens = setup
+    changed = tokens.at[:, 6].set((tokens[:, 6] + 1) % VOCAB)
+    a, _ = model.apply(variables, images, tokens)
+    b, _ = model.apply(variables, images, changed)
+    np.testing.assert_array_equal(a[:, :6], b[:, :6])
+    assert np.abs(np.asarray(a[:, 6:] - b[:, 6:])).max() > 1e-3
+
+
+def test_eval_is_deterministic_and_dropout_only_in_training(setup):
+    model, variables, images, tokens = setup
+    a, _ = model.apply(variables, images, tokens, train=False)
+    b, _ = model.apply(variables, images, tokens, train=False)
+    np.testing.assert_array_equal(a, b)
+
+    def train(seed):
+        rngs = {"dropout": jax.random.key(seed)}
+        return model.apply(variables, images, tokens, train=True, rngs=rngs)[0]
+
+    t1, t2, t1_again = train(0), train(1), train(0)
+    assert np.abs(np.asarray(t1 - a)).max() > 1e-3
+    assert np.abs(np.asarray(t1 - t2)).max() > 1e-3
+    np.testing.assert_array_equal(t1, t1_again)
+    with pytest.raises(Exception, match="dropout"):
+        model.apply(variables, images, tokens, train=True)
+
+
+def test_drop_path_drops_whole_branches_per_example():
+    cfg = model_config("tiny", **TINY, dropout=0.0, drop_path=0.5)
+    model = build_model(cfg, VOCAB, max_len=16)
+    images = jnp.ones((8, 32, 32, 3)) * 0.5
+    variables = model.init(jax.random.key(0), images, jnp.zeros((8, 4), jnp.int32))
+    eval_enc = model.apply(variables, images, method=model.encode)
+    train_enc = model.apply(
+        variables, images, train=True, method=model.encode, rngs={"dropout": jax.random.key(3)}
+    )
+    # Identical inputs: in eval all rows agree; in training the rows differ by
+    # which branches each example dropped.
+    np.testing.assert_allclose(eval_enc, eval_enc[:1].repeat(8, 0), atol=1e-5)
+    assert np.abs(np.asarray(train_enc - train_enc[:1])).max() > 1e-3
+
+
+def _count(tree):
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def test_vit_b_parameter_count():
+    model = build_model(model_config("vit-b"), vocab_size=35000, max_len=512)
+    shapes = jax.eval_shape(
+        model.init,
+        jax.random.key(0),
+        jax.ShapeDtypeStruct((1, 640, 640, 3), jnp.float32),
+        jax.ShapeDtypeStruct((1, 8), jnp.int32),
+    )
+    params = shapes["params"]
+    # Official shapes (facts §5): encoder 85,648,128; bridge 2,495,488;
+    # decoder 25,487,360 + embedding 35000 × 512 + output bias 35000. Position
+    # codes are fixed sin-cos, so the image size adds no parameters. We match
+    # the official total exactly.
+    assert _count(params["encoder"]) == 85_648_128
+    assert _count(params["bridge"]) == 2_495_488
+    assert _count(params["decoder"]) == 25_487_360 + 17_920_000 + 35_000
+    assert _count(params) == 131_585_976
+
+
+def test_unknown_variant_names_the_choices():
+    with pytest.raises(ValueError, match="vit-b"):
+        model_config("vit-h")
+    cfg = model_config("tiny")
+    cfg.variant = "huge"
+    with pytest.raises(ValueError, match="tiny"):
+        build_model(cfg, VOCAB, 16)
+    assert set(SIZES) == {"tiny", "small", "vit-b", "vit-l"}
+
+
+def test_variant_switch_and_overrides():
+    cfg = model_config("tiny", dec_depth=3)
+    cfg.variant = "vit-l"  # as --config.model.variant=vit-l would
+    model = build_model(cfg, VOCAB, 16)
+    assert model.encoder_config["depth"] == 24 and model.decoder_config["depth"] == 3
+
+
+def test_sincos_matches_the_formula():
+    h, w, dim = 3, 5, 16
+    code = posemb_sincos_2d(h, w, dim)
+    assert code.shape == (h * w, dim)
+    quarter = dim // 4
+
+    def expected(i, j, c):
+        half = dim // 2
+        coord, c = (i / (h - 1), c) if c < half else (j / (w - 1), c - half)
+        k = c % quarter
+        angle = coord * 2 * np.pi / 10000 ** (2 * k / half)
+        return np.sin(angle) if c < quarter else np.cos(angle)
+
+    for i, j, c in [(0, 0, 0), (1, 2, 1), (2, 4, 3), (2, 1, 5), (1, 3, 9), (2, 4, 14), (0, 4, 12)]:
+        np.testing.assert_allclose(code[i * w + j, c], expected(i, j, c), atol=1e-6)
+    # Corners: coordinate 2π at the last row/column.
+    np.testing.assert_allclose(code[(h - 1) * w, 0], np.sin(2 * np.pi), atol=1e-6)

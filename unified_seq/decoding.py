@@ -1,0 +1,192 @@
+"""Cached autoregressive sampling, compiled as one `lax.while_loop`.
+
+    sample = jax.jit(functools.partial(
+        sample_sequences, model, max_len=51, top_p=0.4, logits_range=(100, 200)))
+    encoded = model.apply(variables, images, method=model.encode)
+    out = sample(variables, encoded, prompts, rng)
+
+All prompts of a batch have the same length P. The prompt is fed through the
+decoder's key/value cache, then one token per loop iteration; the loop stops
+as soon as every sequence has emitted EOS, or after `max_len` answer tokens.
+A sequence that has finished emits padding (0) from then on.
+
+Several samples per image (`num_samples`, e.g. 8 polygons per instance): the
+caller repeats `encoded` and `prompts` along the batch axis,
+`jnp.repeat(x, num_samples, axis=0)`, so rows b·S … b·S + S - 1 are the
+samples of example b.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from unified_seq.vocab import EOS, PADDING
+
+# Masked logits stay finite (as in the official code) so softmax never sees NaN.
+MASKED_LOGIT = -1e10
+
+
+def filter_logits(logits: jax.Array, *, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+    """Masks logits outside the top-k and then outside the nucleus (official `top_logits`).
+
+    Top-k keeps logits ≥ the k-th largest (0 = off). Top-p sorts the
+    remaining tokens by descending probability and keeps those whose
+    cumulative probability is ≤ p, always including the most likely one;
+    unlike the Hugging Face rule, the token that crosses p is dropped. Ties
+    with the smallest kept logit are kept.
+
+    Args:
+      logits: float32[..., V] (already divided by the temperature).
+      top_k: Python int.
+      top_p: Python float in (0, 1]; 1 = off.
+
+    Returns:
+      float32[..., V] with dropped entries set to MASKED_LOGIT.
+    """
+    if top_k > 0:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, MASKED_LOGIT, logits)
+    if top_p < 1.0:
+        ordered = -jnp.sort(-logits, axis=-1)
+        cumulative = jnp.cumsum(jax.nn.softmax(ordered, axis=-1), axis=-1)
+        keep = (cumulative <= top_p).at[..., 0].set(True)
+        threshold = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < threshold, MASKED_LOGIT, logits)
+    return logits
+
+
+def next_token(
+    rng: jax.Array,
+    logits: jax.Array,
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    greedy: bool = False,
+) -> jax.Array:
+    """Draws int32[B] from raw logits float32[B, V]; greedy or temperature 0 → argmax."""
+    if greedy or temperature == 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = filter_logits(logits / temperature, top_k=top_k, top_p=top_p)
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+def sample_sequences(
+    model: nn.Module,
+    variables: Any,
+    encoded: jax.Array,
+    prompts: jax.Array,
+    rng: jax.Array,
+    *,
+    max_len: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    greedy: bool = False,
+    eos: int = EOS,
+    logits_range: tuple[int, int] | None = None,
+    return_logits: bool = False,
+) -> dict[str, jax.Array]:
+    """Samples answers after fixed prompts with the decoder's key/value cache.
+
+    Sampling settings are Python values fixed at trace time; `jax.jit` over a
+    `functools.partial` binding them compiles once per shape.
+
+    Args:
+      model: an `EncoderDecoder` (anything with `init_cache`, `step` and
+        `vocab_size`).
+      variables: its variables ({"params": ...}).
+      encoded: float32[B, N, d] from `model.encode`.
+      prompts: int32[B, P], P ≥ 1.
+      rng: PRNG key; step i uses fold_in(rng, i).
+      max_len: most answer tokens to generate (EOS included); P + max_len - 1
+        must fit the decoder's max_len.
+      temperature, top_k, top_p: see `filter_logits`; applied in that order.
+      greedy: argmax instead of sampling.
+      eos: the token that ends a sequence.
+      logits_range: (lo, hi) to also return the softmax over the whole
+        vocabulary at each step, sliced to tokens [lo, hi) (not renormalised).
+      return_logits: also return the raw logits at each step.
+
+    Returns:
+      tokens: int32[B, max_len] answers; EOS, then padding (0).
+      length: int32[B] answer tokens before EOS (max_len if none).
+      done: bool[B] whether EOS was emitted.
+      num_steps: int32 scalar, loop iterations run (≤ max_len).
+      token_logprob: float32[B, max_len] log-probability of each token under
+        the raw logits (0 after EOS).
+      range_probs: float32[B, max_len, hi - lo] (with logits_range; 0 after EOS).
+      logits: float32[B, max_len, V] raw logits of every step run (with
+        return_logits; steps after EOS see the padding fed back, steps after
+        the loop stopped are 0).
+    """
+    batch, prompt_len = prompts.shape
+    if prompt_len < 1:
+        raise ValueError("sample_sequences needs a prompt of at least one token")
+    apply = model.apply
+    # Every token but the last answer token is fed back: the cache needs no more.
+    cache = apply(variables, encoded, prompt_len + max_len - 1, method=model.init_cache)
+    if prompt_len > 1:
+        _, cache = apply(variables, prompts[:, :-1], cache, 0, method=model.step)
+
+    state = {
+        "step": jnp.zeros((), jnp.int32),
+        "last": prompts[:, -1].astype(jnp.int32),
+        "cache": cache,
+        "done": jnp.zeros((batch,), bool),
+        "length": jnp.full((batch,), max_len, jnp.int32),
+        "tokens": jnp.zeros((batch, max_len), jnp.int32),
+        "token_logprob": jnp.zeros((batch, max_len), jnp.float32),
+    }
+    if logits_range is not None:
+        lo, hi = logits_range
+        state["range_probs"] = jnp.zeros((batch, max_len, hi - lo), jnp.float32)
+    if return_logits:
+        state["logits"] = jnp.zeros((batch, max_len, model.vocab_size), jnp.float32)
+
+    def cond(s):
+        return (s["step"] < max_len) & ~jnp.all(s["done"])
+
+    def body(s):
+        i = s["step"]
+        logits, cache = apply(
+            variables, s["last"][:, None], s["cache"], prompt_len - 1 + i, method=model.step
+        )
+        logits = logits[:, 0]
+        sampled = next_token(
+            jax.random.fold_in(rng, i),
+            logits,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            greedy=greedy,
+        )
+        token = jnp.where(s["done"], PADDING, sampled)
+        log_probs = jax.nn.log_softmax(logits, axis=-1)
+        logprob = jnp.take_along_axis(log_probs, token[:, None], axis=-1)[:, 0]
+        ended = ~s["done"] & (token == eos)
+        new = {
+            "step": i + 1,
+            "last": token,
+            "cache": cache,
+            "done": s["done"] | ended,
+            "length": jnp.where(ended, i, s["length"]),
+            "tokens": s["tokens"].at[:, i].set(token),
+            "token_logprob": s["token_logprob"].at[:, i].set(jnp.where(s["done"], 0.0, logprob)),
+        }
+        if logits_range is not None:
+            probs = jnp.exp(log_probs[:, lo:hi])
+            probs = jnp.where(s["done"][:, None], 0.0, probs)
+            new["range_probs"] = s["range_probs"].at[:, i].set(probs)
+        if return_logits:
+            new["logits"] = s["logits"].at[:, i].set(logits)
+        return new
+
+    final = jax.lax.while_loop(cond, body, state)
+    out = {k: v for k, v in final.items() if k not in ("step", "last", "cache")}
+    out["num_steps"] = final["step"]
+    return out

@@ -1,0 +1,218 @@
+"""Autoregressive Transformer decoder with a key/value cache.
+
+Official Pix2Seq layout (facts §5): token embedding E shared with the output
+layer (logits = h · Eᵀ + b), learned position embedding, pre-LN layers of
+causal self-attention, cross-attention to the image tokens and an MLP, and a
+final LayerNorm. Embeddings and the output bias start truncated-normal with
+standard deviation 0.02; dense layers Xavier uniform (see vit.py).
+
+The same parameters serve two paths:
+  * `__call__`: teacher forcing over a whole sequence with a causal mask.
+  * `init_cache` + `step`: incremental decoding. Each layer's self-attention
+    keys and values are projected once per token and written into a cache of
+    fixed length; the image keys and values of the cross-attention are
+    projected once per image by `init_cache`. (The official code cached the
+    layer-normed inputs and re-projected all keys and values every step.)
+
+Cache layout, one dict per layer (B batch, L cache length, N image tokens,
+H heads, D head width):
+  {"k", "v": float32[B, L, H, D], "cross_k", "cross_v": float32[B, N, H, D]}
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from unified_seq.models.vit import LN_EPS, Attention, MlpBlock, drop_path
+
+Cache = list[dict[str, jax.Array]]
+embed_init = nn.initializers.truncated_normal(stddev=0.02)
+
+
+def attention_mask(num_queries: int, num_keys: int, index: jax.Array | int) -> jax.Array:
+    """bool[T, S]: query t (absolute position index + t) sees key slots ≤ its position.
+
+    Teacher forcing is the case index = 0, S = T (a causal mask); a cached
+    step also hides the not-yet-written cache slots beyond index + T - 1.
+    """
+    query_pos = index + jnp.arange(num_queries)
+    return jnp.arange(num_keys)[None, :] <= query_pos[:, None]
+
+
+class DecoderLayer(nn.Module):
+    """x + DropPath(SelfAttn(LN x)); x + DropPath(CrossAttn(LN x, image)); x + DropPath(MLP)."""
+
+    width: int
+    mlp_dim: int
+    num_heads: int
+    dropout: float = 0.0
+    drop_path: float = 0.0
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        self.ln_self = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype)
+        self.self_attn = Attention(self.num_heads, self.width, self.dtype)
+        self.ln_cross = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype)
+        self.cross_attn = Attention(self.num_heads, self.width, self.dtype)
+        self.ln_mlp = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype)
+        self.mlp = MlpBlock(self.mlp_dim, self.dropout, self.dtype)
+        self.skip = drop_path(self.drop_path)
+
+    def cross_kv(self, encoded: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Image keys and values: float32[B, N, W] → 2 × float32[B, N, H, D]."""
+        return self.cross_attn.project_kv(encoded)
+
+    def __call__(
+        self,
+        x: jax.Array,
+        cross_k: jax.Array,
+        cross_v: jax.Array,
+        *,
+        cache: dict[str, jax.Array] | None = None,
+        index: jax.Array | int = 0,
+        train: bool = False,
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Runs T tokens that start at absolute position `index`.
+
+        Args:
+          x: float32[B, T, W] token states.
+          cross_k, cross_v: float32[B, N, H, D] projected image tokens.
+          cache: {"k", "v": float32[B, L, H, D]} earlier keys and values, or
+            None for teacher forcing over x alone (index must then be 0).
+          index: position of x[:, 0]; int32 scalar, may be traced.
+          train: dropout and drop-path on (needs a 'dropout' rng).
+
+        Returns:
+          (float32[B, T, W], {"k", "v"}: the cache with this chunk written in,
+          or this chunk's own keys and values when cache is None).
+        """
+        deterministic = not train
+        h = self.ln_self(x)
+        q = self.self_attn.project_query(h)
+        k, v = self.self_attn.project_kv(h)
+        if cache is not None:
+            start = (0, index, 0, 0)
+            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
+            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
+        mask = attention_mask(x.shape[1], k.shape[1], index)
+        x = x + self.skip(self.self_attn.attend(q, k, v, mask), deterministic=deterministic)
+        q = self.cross_attn.project_query(self.ln_cross(x))
+        h = self.cross_attn.attend(q, cross_k, cross_v)
+        x = x + self.skip(h, deterministic=deterministic)
+        h = self.mlp(self.ln_mlp(x), train=train)
+        x = x + self.skip(h, deterministic=deterministic)
+        return x, {"k": k, "v": v}
+
+
+class Decoder(nn.Module):
+    """Token decoder over a shared vocabulary.
+
+    Attributes:
+      vocab_size: V, rows of the shared embedding.
+      max_len: longest sequence (prompt + answer) the position embedding covers.
+      width, depth, mlp_dim, num_heads: Transformer sizes.
+      dropout, drop_path: as in the encoder.
+    """
+
+    vocab_size: int
+    max_len: int
+    width: int
+    depth: int
+    mlp_dim: int
+    num_heads: int
+    dropout: float = 0.0
+    drop_path: float = 0.0
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        self.embed = nn.Embed(
+            self.vocab_size, self.width, embedding_init=embed_init, dtype=self.dtype
+        )
+        self.pos_embed = self.param("pos_embed", embed_init, (self.max_len, self.width))
+        self.output_bias = self.param("output_bias", embed_init, (self.vocab_size,))
+        self.layers = [
+            DecoderLayer(
+                self.width,
+                self.mlp_dim,
+                self.num_heads,
+                self.dropout,
+                self.drop_path,
+                self.dtype,
+            )
+            for _ in range(self.depth)
+        ]
+        self.ln_out = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype)
+
+    def _inputs(self, tokens: jax.Array, index: jax.Array | int) -> jax.Array:
+        pos = jax.lax.dynamic_slice_in_dim(self.pos_embed, index, tokens.shape[1])
+        return self.embed(tokens) + pos.astype(self.dtype)
+
+    def _logits(self, x: jax.Array) -> jax.Array:
+        x = self.ln_out(x)
+        return self.embed.attend(x).astype(jnp.float32) + self.output_bias
+
+    def __call__(self, tokens: jax.Array, encoded: jax.Array, *, train: bool) -> jax.Array:
+        """Teacher-forced logits.
+
+        Args:
+          tokens: int32[B, T] decoder input (prompt + answer), T ≤ max_len.
+          encoded: float32[B, N, W] image tokens at the decoder width.
+          train: dropout and drop-path on (needs a 'dropout' rng).
+
+        Returns:
+          float32[B, T, V]: logits[:, t] predicts token t + 1.
+        """
+        if tokens.shape[1] > self.max_len:
+            raise ValueError(f"sequence of {tokens.shape[1]} tokens > max_len {self.max_len}")
+        x = self._inputs(tokens, 0)
+        for layer in self.layers:
+            cross_k, cross_v = layer.cross_kv(encoded)
+            x, _ = layer(x, cross_k, cross_v, train=train)
+        return self._logits(x)
+
+    def init_cache(self, encoded: jax.Array, length: int) -> Cache:
+        """Empty self-attention cache and the image keys/values, projected once.
+
+        Args:
+          encoded: float32[B, N, W] image tokens at the decoder width.
+          length: L, cache slots = the most tokens that will be fed (≤ max_len).
+
+        Returns:
+          One dict per layer, see the module docstring.
+        """
+        if length > self.max_len:
+            raise ValueError(f"cache length {length} > decoder max_len {self.max_len}")
+        batch = encoded.shape[0]
+        heads = (self.num_heads, self.width // self.num_heads)
+        cache = []
+        for layer in self.layers:
+            cross_k, cross_v = layer.cross_kv(encoded)
+            empty = jnp.zeros((batch, length, *heads), cross_k.dtype)
+            cache.append({"k": empty, "v": empty, "cross_k": cross_k, "cross_v": cross_v})
+        return cache
+
+    def step(
+        self, tokens: jax.Array, cache: Cache, index: jax.Array | int
+    ) -> tuple[jax.Array, Cache]:
+        """Feeds a chunk of tokens through the cache (inference only).
+
+        Args:
+          tokens: int32[B, t] at positions index … index + t - 1 (the whole
+            prompt for a prefill, one token afterwards).
+          cache: from `init_cache` or a previous step.
+          index: int32 scalar, may be traced; index + t ≤ cache length.
+
+        Returns:
+          (float32[B, t, V] logits, each predicting the following token;
+          the cache with the chunk's keys and values written in).
+        """
+        x = self._inputs(tokens, index)
+        new_cache = []
+        for layer, entry in zip(self.layers, cache, strict=True):
+            x, kv = layer(x, entry["cross_k"], entry["cross_v"], cache=entry, index=index)
+            new_cache.append({**entry, **kv})
+        return self._logits(x), new_cache
