@@ -21,12 +21,16 @@ setuptools.setup(
         "ml_collections>=1.1,<1.2",
         "pycocotools>=2.0.10,<2.1",
         "clu>=0.0.12,<0.1",
+        # clu's TensorBoard writer imports it; tensorflow-cpu no longer pulls it in.
+        "tensorboard>=2.20,<2.22",
         "sentencepiece>=0.2,<0.3",
         "pillow>=11,<14",
         "numpy>=2.0,<2.5",
         # RLE ground-truth masks become polygons through cv2.findContours: a
         # border-following contour tracer is easy to get subtly wrong.
         "opencv-python-headless>=4.12,<6",
+        # The reference BLEU and CIDEr scorers of the COCO caption benchmark.
+        "pycocoevalcap>=1.2,<1.3",
     ],
     extras_require={"test": ["pytest>=8,<10", "ruff>=0.17,<0.18"]},
 )

@@ -25,7 +25,7 @@ def build_sequences(
 
     Args:
       prompt: int32[P] prompt tokens (task token first).
-      answer: int32[A] answer tokens; cut to fit `length + 1 - P - 1`.
+      answer: int32[A] answer tokens; cut to the `length - P` that fit.
       answer_weights: float32[A] loss weight of each answer token.
       length: length of the returned sequences.
       eos_weight: loss weight of the EOS token after the answer.
@@ -37,9 +37,10 @@ def build_sequences(
     prompt = tf.cast(prompt, tf.int32)
     answer = tf.cast(answer, tf.int32)
     answer_weights = tf.cast(answer_weights, tf.float32)
-    room = length - tf.shape(prompt)[0]  # answer + EOS must fit in label[1:].
-    answer = answer[: room - 1]
-    answer_weights = answer_weights[: room - 1]
+    # label[1:] holds P - 1 prompt targets, the answer and EOS in `length`.
+    room = length - tf.shape(prompt)[0]
+    answer = answer[:room]
+    answer_weights = answer_weights[:room]
     n_prompt = tf.shape(prompt)[0]
 
     label = tf.concat([prompt, answer, [vocab.EOS]], axis=0)

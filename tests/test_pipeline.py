@@ -1,0 +1,214 @@
+"""tf.data pipelines on a small COCO-format fixture with the awkward cases."""
+
+import os
+
+import ml_collections
+import numpy as np
+import pytest
+
+from tests import coco_fixture
+from unified_seq import defaults, frame, vocab
+from unified_seq.data import inputs, pipeline
+from unified_seq.data.errors import DataError
+from unified_seq.tasks import captioning, detection, instance_segmentation, keypoints
+
+SIZE = 64
+BATCH = 4
+
+
+def _config(coco_dir: str, **data) -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 3
+    config.vocab = defaults.vocab_config()
+    config.vocab.update(coord_shift=200, bins=64, text_shift=264, text_vocab_size=256)
+    config.data = defaults.data_config()
+    config.data.update(source="coco_json", coco_dir=coco_dir, image_size=SIZE, shuffle_buffer=8)
+    config.data.update(data)
+    config.tasks = defaults.task_configs()
+    config.tasks.object_detection.max_instances = 4
+    config.tasks.instance_segmentation.max_points = 16
+    config.tasks.captioning.max_len = 12
+    config.tasks.captioning.captions_per_image = 2
+    return config
+
+
+@pytest.fixture(scope="module")
+def fixture_dir(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("coco"))
+    coco_fixture.write_fixture(root, "train")
+    return root
+
+
+@pytest.fixture(scope="module")
+def train_data(fixture_dir):
+    config = _config(fixture_dir)
+    space = vocab.TokenSpace.from_config(config.vocab)
+    return config, space, inputs.load_split(config, "train", space)
+
+
+def _batches(task, config, space, data, seed=3, n=2, **kw):
+    ds = pipeline.train_dataset(
+        task, data.examples, config, space, batch_size=BATCH, seed=seed,
+        flip_perm=data.category_map.flip_permutation(17), **kw,
+    )  # fmt: skip
+    it = inputs.numpy_batches(ds, data)
+    return [next(it) for _ in range(n)]
+
+
+EXPECTED_LEN = {
+    "object_detection": 5 * 4 + 1,
+    "instance_segmentation": 6 + 2 * 16,
+    "keypoint_detection": 6 + 2 * 17,
+}
+
+
+@pytest.mark.parametrize("task", list(defaults.TASK_NAMES))
+def test_train_batches_have_the_right_shapes(train_data, task):
+    config, space, data = train_data
+    (batch,) = _batches(task, config, space, data, n=1)
+    assert batch["image"].shape == (BATCH, SIZE, SIZE, 3)
+    assert batch["image"].dtype == np.float32
+    assert batch["image"].min() >= 0.0 and batch["image"].max() <= 1.0
+    shape = (BATCH, 2, 12) if task == "captioning" else (BATCH, EXPECTED_LEN[task])
+    for key in ("input_seq", "target_seq", "token_weights"):
+        assert batch[key].shape == shape, key
+    assert np.all(batch["input_seq"][..., 0] == vocab.TASK_PROMPTS[task])
+    assert np.all(batch["token_weights"] >= 0) and np.any(batch["token_weights"] > 0)
+    # Every token is inside the vocabulary.
+    assert batch["target_seq"].max() < space.vocab_size
+
+
+def test_detection_targets_use_category_ids_as_class_tokens(train_data):
+    config, space, data = train_data
+    config = _config(config.data.coco_dir)
+    config.tasks.object_detection.noise_objects = False
+    seen = set()
+    for batch in _batches("object_detection", config, space, data, n=3):
+        cls = batch["target_seq"][:, 4::5]
+        seen |= set(cls[cls >= vocab.CLASS_SHIFT].ravel().tolist())
+        # At most two non-crowd objects per image, then EOS.
+        assert np.all(batch["target_seq"][:, 10] == vocab.EOS)
+    # Ids 1, 4, 90 fit below coord_shift: token = 100 + id (DESIGN §2).
+    assert seen == {101, 104, 190}
+
+
+def test_flip_swaps_left_and_right_keypoints(train_data):
+    config, space, data = train_data
+    flipped = _batches("keypoint_detection", config, space, data, n=2)
+    config_nf = _config(config.data.coco_dir)
+    config_nf.tasks.keypoint_detection.flip = False
+    plain = _batches("keypoint_detection", config_nf, space, data, n=2)
+    frame_px = np.array([SIZE, SIZE, 0, 0], np.float32)
+    differs = 0
+    for bf, bp in zip(flipped, plain, strict=True):
+        for i in range(BATCH):
+            kf = keypoints.decode(
+                bf["target_seq"][i, 5:], None, frame_px, space, config.tasks.keypoint_detection
+            )
+            kp = keypoints.decode(
+                bp["target_seq"][i, 5:], None, frame_px, space, config.tasks.keypoint_detection
+            )
+            for k in (kf, kp):
+                pts = k["keypoints"]
+                # The fixture draws left_* points on the image's left; after a
+                # flip the swapped names keep left points on the left.
+                for left in (5, 7, 9, 11, 13, 15):
+                    assert pts[left, 1] < pts[left + 1, 1]
+            differs += not np.allclose(kf["keypoints"], kp["keypoints"])
+    assert differs > 0
+
+
+def test_pipeline_is_deterministic_given_a_seed(train_data):
+    config, space, data = train_data
+    a = _batches("object_detection", config, space, data, seed=5)
+    b = _batches("object_detection", config, space, data, seed=5)
+    c = _batches("object_detection", config, space, data, seed=6)
+    for x, y in zip(a, b, strict=True):
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key])
+    assert any(
+        not np.array_equal(x["input_seq"], z["input_seq"]) for x, z in zip(a, c, strict=True)
+    )
+
+
+def test_processes_read_disjoint_slices(train_data):
+    config, space, data = train_data
+    seen = []
+    for index in range(2):
+        ds = pipeline.eval_dataset(
+            "object_detection", data.examples, config, space, batch_size=8,
+            process_index=index, process_count=2,
+        )  # fmt: skip
+        seen.append({int(i) for b in ds.as_numpy_iterator() for i in b["image/id"]})
+    assert not seen[0] & seen[1]
+    assert seen[0] | seen[1] == {1, 2, 3, 4}
+
+
+def test_too_many_objects_are_truncated_and_counted(train_data):
+    config, space, data = train_data
+    config = _config(config.data.coco_dir)
+    config.tasks.object_detection.max_instances = 1
+    config.tasks.object_detection.scale_jitter = (1.0, 1.0)
+    batches = _batches("object_detection", config, space, data, n=3)
+    assert sum(int(b["num_truncated"].sum()) for b in batches) > 0
+    assert batches[0]["input_seq"].shape == (BATCH, 6)
+
+
+def test_eval_instances_prompt_with_their_ground_truth_box(train_data):
+    config, space, data = train_data
+    for task, count in (("instance_segmentation", 5), ("keypoint_detection", 2)):
+        ds = pipeline.eval_dataset(task, data.examples, config, space, batch_size=16)
+        (batch,) = list(ds.as_numpy_iterator())
+        assert len(batch["image"]) == count
+        for i in range(count):
+            box = space.token_coords(batch["prompt"][i, 1:5])
+            px = frame.boxes_to_pixels(box, batch["frame"][i])
+            bin_px = batch["frame"][i][:2].max() / (space.bins - 1)
+            np.testing.assert_allclose(px, batch["box"][i], atol=bin_px)
+
+
+def test_eval_detection_frames_map_the_canvas_to_the_image(train_data):
+    config, space, data = train_data
+    ds = pipeline.eval_dataset("object_detection", data.examples, config, space, batch_size=8)
+    (batch,) = list(ds.as_numpy_iterator())
+    for f, (h, w) in zip(batch["frame"], batch["image/size"], strict=True):
+        uh, uw = frame.fit_size(h, w, SIZE)
+        np.testing.assert_allclose(frame.to_pixels([uh / SIZE, uw / SIZE], f), [h, w], rtol=1e-5)
+
+
+def test_undecodable_image_fails_naming_the_file(tmp_path):
+    root = str(tmp_path)
+    coco_fixture.write_fixture(root, "train")
+    bad = os.path.join(root, "train2017", f"{2:012d}.png")
+    with open(bad, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n this is not an image")
+    config = _config(root)
+    space = vocab.TokenSpace.from_config(config.vocab)
+    data = inputs.load_split(config, "train", space)
+    with pytest.raises(DataError, match=f"{2:012d}.png"):
+        ds = pipeline.eval_dataset("captioning", data.examples, config, space, batch_size=2)
+        list(inputs.numpy_batches(ds, data))
+
+    config = _config(root, on_bad_image="skip")
+    data = inputs.load_split(config, "train", space)
+    assert data.stats["skipped_images"] == 1 and data.num_images == 3
+    ds = pipeline.eval_dataset("captioning", data.examples, config, space, batch_size=8)
+    (batch,) = list(inputs.numpy_batches(ds, data))
+    assert sorted(batch["image/id"].tolist()) == [1, 3, 4]
+
+
+def test_codecs_decode_pipeline_targets(train_data):
+    """Training targets decode to annotations inside the canvas (no crash on real batches)."""
+    config, space, data = train_data
+    frame_px = np.array([SIZE, SIZE, 0, 0], np.float32)
+    (det,) = _batches("object_detection", config, space, data, n=1)
+    pred = detection.decode(
+        det["target_seq"][0], None, frame_px, space, config.tasks.object_detection
+    )
+    assert len(pred["boxes"]) >= 1 and np.all(pred["boxes"] <= SIZE)
+    (seg,) = _batches("instance_segmentation", config, space, data, n=1)
+    polys = instance_segmentation.decode_polygons(seg["target_seq"][0, 5:], frame_px, space)
+    assert len(polys) >= 1
+    (cap,) = _batches("captioning", config, space, data, n=1)
+    text = captioning.decode(cap["target_seq"][0, 0], data.tokenizer, space)
+    assert text.startswith("image ") and "caption" in text

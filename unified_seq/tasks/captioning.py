@@ -1,0 +1,136 @@
+"""Captioning as tokens: `[13] piece piece … EOS` (DESIGN §3).
+
+Each caption piece id `p` is written as `text_shift + p`; the answer ends with
+the shared EOS (0). An image trains `captions_per_image` captions at once (5 in
+the official recipe), one sequence each over the same encoded image.
+
+During training half of the answer's *input* tokens are replaced by the fake
+text token 30 (official `input_seq_drop_rate` 0.5), so the decoder cannot just
+copy the previous word; the targets keep the true pieces. Unlike the official
+code the prompt is never dropped, and the padding after EOS is never trained.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+from ml_collections import ConfigDict
+
+from unified_seq import vocab
+from unified_seq.tasks.sequence import build_sequences
+from unified_seq.tasks.tokenizer import CaptionTokenizer
+
+PROMPT_TOKEN = vocab.TASK_PROMPTS["captioning"]
+
+
+def sequence_length(cfg: ConfigDict) -> int:
+    """Input/target length: the prompt, up to `max_len - 1` pieces and EOS."""
+    return int(cfg.max_len)
+
+
+def prompt(space: vocab.TokenSpace) -> np.ndarray:
+    """int32[1] inference prompt."""
+    del space  # Same token in every space; taken for symmetry with the other codecs.
+    return np.array([PROMPT_TOKEN], np.int32)
+
+
+def _choose_captions(num_captions: tf.Tensor, count: int, seed: tf.Tensor, training: bool):
+    """Indices int32[count] of the captions to train, in [0, num_captions].
+
+    Training takes a random order and cycles through it, so captions repeat
+    only when the image has fewer than `count`; evaluation takes the first.
+    Without captions every index is `num_captions`, the empty row after them.
+    """
+    order = tf.range(num_captions)
+    if training:
+        order = tf.random.experimental.stateless_shuffle(order, seed)
+    order = tf.concat([order, [num_captions]], axis=0)
+    return tf.gather(order, tf.range(count) % tf.maximum(num_captions, 1))
+
+
+def _drop_answer_inputs(
+    input_seq: tf.Tensor, answer_len: tf.Tensor, rate: float, seed: tf.Tensor
+) -> tf.Tensor:
+    """Replaces each answer input token (never the prompt) by FAKE_TEXT with probability `rate`.
+
+    input_seq: int32[L]; answer tokens sit at positions 1 .. answer_len.
+    """
+    position = tf.range(tf.shape(input_seq)[0])
+    in_answer = (position >= 1) & (position <= answer_len)
+    hit = tf.random.stateless_uniform(tf.shape(input_seq), seed) < rate
+    return tf.where(in_answer & hit, vocab.FAKE_TEXT, input_seq)
+
+
+def encode(
+    caption_ids: tf.RaggedTensor,
+    seed: tf.Tensor,
+    cfg: ConfigDict,
+    space: vocab.TokenSpace,
+    training: bool = True,
+) -> dict[str, tf.Tensor]:
+    """Tokenizes an image's captions into `captions_per_image` sequences.
+
+    Args:
+      caption_ids: int32 ragged [C, None] SentencePiece ids of the image's C
+        captions (C may be 0).
+      seed: int32[2] or int64[2] stateless seed (caption choice, input drop).
+      cfg: the `captioning` task config (max_len, eos_weight,
+        captions_per_image, input_drop_rate).
+      space: token space.
+      training: random caption choice and input drop; otherwise the first
+        captions, untouched.
+
+    Returns:
+      `input_seq`, `target_seq` int32[K, L] and `token_weights` float32[K, L],
+      K = cfg.captions_per_image, L = sequence_length(cfg). Captions repeat
+      when C < K; with C = 0 every row has weight 0.
+    """
+    count = int(cfg.captions_per_image)
+    length = sequence_length(cfg)
+    # stateless_split draws seeds of the seed's dtype: one dtype makes int32
+    # and int64 seeds of equal value give equal sequences.
+    seed = tf.cast(seed, tf.int64)
+    choice_seed, drop_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    drop_seeds = tf.random.experimental.stateless_split(drop_seed, count)
+
+    caption_ids = tf.cast(caption_ids, tf.int32)
+    num_captions = tf.cast(caption_ids.nrows(), tf.int32)
+    # One empty row keeps the gathers valid for an image without captions.
+    empty = tf.ragged.constant([[]], tf.int32, row_splits_dtype=caption_ids.row_splits.dtype)
+    padded = tf.concat([caption_ids, empty], axis=0)
+    chosen = _choose_captions(num_captions, count, choice_seed, training)
+    has_caption = tf.cast(num_captions > 0, tf.float32)
+
+    rows = []
+    for k in range(count):
+        answer = padded[chosen[k]] + space.text_shift
+        weights = tf.ones_like(answer, tf.float32)
+        seq = build_sequences(
+            tf.constant([PROMPT_TOKEN]), answer, weights, length, float(cfg.eos_weight)
+        )
+        seq["token_weights"] *= has_caption
+        if training and cfg.input_drop_rate > 0:
+            answer_len = tf.minimum(tf.shape(answer)[0], length - 1)
+            seq["input_seq"] = _drop_answer_inputs(
+                seq["input_seq"], answer_len, float(cfg.input_drop_rate), drop_seeds[k]
+            )
+        rows.append(seq)
+    return {key: tf.stack([row[key] for row in rows]) for key in rows[0]}
+
+
+def decode(tokens: np.ndarray, tokenizer: CaptionTokenizer, space: vocab.TokenSpace) -> str:
+    """Caption text from answer tokens int[T] (after the prompt).
+
+    Reads up to the first EOS and keeps only text tokens.
+    """
+    tokens = np.asarray(tokens).reshape(-1)
+    ends = np.flatnonzero(tokens == vocab.EOS)
+    if ends.size:
+        tokens = tokens[: ends[0]]
+    text = tokens[space.is_text(tokens)] - space.text_shift
+    return tokenizer.decode(text.tolist())
+
+
+def to_coco_results(text: str, image_id: int) -> dict:
+    """One COCO caption result."""
+    return {"image_id": int(image_id), "caption": text}

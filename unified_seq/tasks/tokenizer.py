@@ -1,0 +1,182 @@
+"""SentencePiece tokenizer for captions (DESIGN §2, text range of the token space).
+
+A piece id `p` becomes the token `text_shift + p`. The tokenizer adds no BOS
+and no EOS: the caption codec ends every answer with the shared EOS token 0.
+The official `c4_en_32k_spm.model` loads as is; `train` builds a model from a
+data set's own captions, laid out like the T5/C4 model (0 pad, 1 eos, 2 unk,
+no bos) so either kind reads the same way.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Callable, Sequence
+
+import sentencepiece as spm
+
+# Special pieces of a trained model (T5 layout); they count toward vocab_size.
+_SPECIAL_IDS = {"pad_id": 0, "eos_id": 1, "unk_id": 2, "bos_id": -1}
+_NUM_SPECIALS = 3
+_NUM_BYTE_PIECES = 256
+
+
+def _is_url(path: str) -> bool:
+    return "://" in path
+
+
+def _read_bytes(path: str) -> bytes:
+    if _is_url(path):
+        import tensorflow as tf  # Only remote paths (gs://...) need TensorFlow's file system.
+
+        with tf.io.gfile.GFile(path, "rb") as f:
+            return f.read()
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _exists(path: str) -> bool:
+    if _is_url(path):
+        import tensorflow as tf
+
+        return tf.io.gfile.exists(path)
+    return os.path.exists(path)
+
+
+def _write_bytes(path: str, data: bytes) -> None:
+    """Writes through a temporary name and renames, so no reader sees half a file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    if _is_url(path):
+        import tensorflow as tf
+
+        with tf.io.gfile.GFile(tmp, "wb") as f:
+            f.write(data)
+        tf.io.gfile.rename(tmp, path, overwrite=True)
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _vocab_path(model_path: str) -> str:
+    root, ext = os.path.splitext(model_path)
+    return (root if ext == ".model" else model_path) + ".vocab"
+
+
+class CaptionTokenizer:
+    """A SentencePiece model: caption text ↔ piece ids in [0, vocab_size)."""
+
+    def __init__(self, processor: spm.SentencePieceProcessor, path: str = ""):
+        self._sp = processor
+        self.path = path
+
+    @classmethod
+    def load(cls, model_path: str) -> CaptionTokenizer:
+        """Reads a SentencePiece model file (local path or gs://... URL)."""
+        processor = spm.SentencePieceProcessor(model_proto=_read_bytes(model_path))
+        return cls(processor, model_path)
+
+    @classmethod
+    def train(
+        cls,
+        captions: Sequence[str],
+        model_path: str,
+        vocab_size: int,
+        model_type: str = "bpe",
+    ) -> CaptionTokenizer:
+        """Trains a model on `captions`, writes `model_path` (and a `.vocab` listing).
+
+        `vocab_size` is an upper bound: a small corpus yields fewer pieces.
+        Every character of the captions gets a piece, and when the budget
+        allows, 256 byte pieces too, so that unseen characters still round
+        trip. Training is single-threaded, hence deterministic.
+
+        Args:
+          captions: training sentences.
+          model_path: where to write the model (local or gs://...).
+          vocab_size: most pieces, special pieces included.
+          model_type: "bpe" or "unigram" (as the C4 model). BPE is the
+            default: on a small corpus such as the synthetic set, unigram
+            training with a vocab_size above what the corpus supports keeps
+            mostly single characters (captions ~2x longer), BPE whole words.
+
+        Raises:
+          ValueError: no captions, or `vocab_size` below the number of
+            distinct characters plus the special pieces.
+        """
+        captions = [c for c in captions if c.strip()]
+        if not captions:
+            raise ValueError(f"no captions to train the tokenizer {model_path} on")
+        num_chars = len(set("".join(captions)))
+        needed = num_chars + _NUM_SPECIALS
+        if vocab_size < needed:
+            raise ValueError(
+                f"tokenizer vocab_size={vocab_size} is below the {needed} pieces the captions "
+                f"need ({num_chars} distinct characters + {_NUM_SPECIALS} special pieces); "
+                "raise vocab.text_vocab_size"
+            )
+        writer = io.BytesIO()
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(captions),
+            model_writer=writer,
+            vocab_size=vocab_size,
+            model_type=model_type,
+            # Identity keeps decode(encode(text)) == text for seen characters.
+            normalization_rule_name="identity",
+            character_coverage=1.0,
+            byte_fallback=vocab_size >= needed + _NUM_BYTE_PIECES,
+            # A soft limit, so that small corpora (the synthetic set) still train.
+            hard_vocab_limit=False,
+            num_threads=1,
+            minloglevel=2,
+            **_SPECIAL_IDS,
+        )
+        model = writer.getvalue()
+        _write_bytes(model_path, model)
+        tokenizer = cls(spm.SentencePieceProcessor(model_proto=model), model_path)
+        _write_bytes(_vocab_path(model_path), tokenizer._vocab_listing().encode("utf-8"))
+        return tokenizer
+
+    @classmethod
+    def load_or_train(
+        cls,
+        model_path: str,
+        captions_fn: Callable[[], Sequence[str]],
+        vocab_size: int,
+    ) -> CaptionTokenizer:
+        """Loads `model_path` if it exists, else trains it on `captions_fn()`.
+
+        Raises:
+          ValueError: an existing model has more than `vocab_size` pieces.
+        """
+        if not _exists(model_path):
+            return cls.train(captions_fn(), model_path, vocab_size)
+        tokenizer = cls.load(model_path)
+        if tokenizer.vocab_size > vocab_size:
+            raise ValueError(
+                f"tokenizer {model_path} has {tokenizer.vocab_size} pieces but the text range "
+                f"holds {vocab_size}; delete the file to retrain it, or raise "
+                "vocab.text_vocab_size"
+            )
+        return tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of pieces, special pieces included."""
+        return self._sp.get_piece_size()
+
+    def encode(self, text: str) -> list[int]:
+        """Text → piece ids, without BOS or EOS."""
+        return self._sp.encode(text, out_type=int)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Piece ids → text; ids outside [0, vocab_size) are skipped, control pieces dropped."""
+        size = self.vocab_size
+        return self._sp.decode([int(i) for i in ids if 0 <= int(i) < size])
+
+    def _vocab_listing(self) -> str:
+        """`piece<TAB>score` lines, as SentencePiece's own .vocab files."""
+        return "".join(
+            f"{self._sp.id_to_piece(i)}\t{self._sp.get_score(i)}\n" for i in range(self.vocab_size)
+        )

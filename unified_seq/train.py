@@ -1,0 +1,368 @@
+"""A training run, top to bottom: inputs, model, sharding, step, checkpoints, loop.
+
+Batch mixing (Pix2Seq v2, Algorithm 2): every step draws one batch per task,
+each with its own augmentation and tokenization, and takes one gradient of
+`Σ_t λ_t L_t`, where `L_t` is the token-weighted cross-entropy of task t.
+Data mixing (Algorithm 1, `train.mixing=data`) instead concatenates fixed
+shares of every task's examples into one batch with one loss.
+
+The step is a pure function of (state, batches): its randomness is
+`fold_in(seed, step)`, so a resumed run needs no stored RNG.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from clu import metric_writers
+
+from unified_seq import checkpoint, optim, sharding, vocab
+from unified_seq.data import inputs, pipeline
+from unified_seq.models import sizes
+from unified_seq.tasks import captioning, detection, instance_segmentation, keypoints
+
+MIXINGS = ("batch", "data")
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+def sequence_lengths(config: Any) -> dict[str, int]:
+    """Decoder input length of every configured task."""
+    k = int(config.data.num_keypoints)
+    lengths = {
+        "object_detection": lambda c: detection.sequence_length(c),
+        "instance_segmentation": lambda c: instance_segmentation.sequence_length(c),
+        "keypoint_detection": lambda c: keypoints.sequence_length(c, k),
+        "captioning": lambda c: captioning.sequence_length(c),
+    }
+    return {task: lengths[task](config.tasks[task]) for task in config.tasks}
+
+
+def build_model(config: Any, space: vocab.TokenSpace):
+    """The model for `config.model`, long enough for every task's sequences."""
+    return sizes.build_model(config.model, space.vocab_size, max(sequence_lengths(config).values()))
+
+
+def token_loss(
+    logits: jax.Array, targets: jax.Array, weights: jax.Array, label_smoothing: float = 0.0
+) -> jax.Array:
+    """Token-weighted cross-entropy `Σ w·CE / Σ w` (official normalisation).
+
+    Args:
+      logits: float32[..., T, V].
+      targets: int32[..., T].
+      weights: float32[..., T]; zero on prompts and padding.
+      label_smoothing: mass spread uniformly over the vocabulary.
+    """
+    logits = logits.astype(jnp.float32)
+    labels = jax.nn.one_hot(targets, logits.shape[-1], dtype=logits.dtype)
+    if label_smoothing:
+        labels = optax.smooth_labels(labels, label_smoothing)
+    ce = optax.softmax_cross_entropy(logits, labels)
+    return jnp.sum(ce * weights) / (jnp.sum(weights) + 1e-9)
+
+
+def task_losses(
+    params: Any,
+    model: Any,
+    batches: Mapping[str, Mapping[str, jax.Array]],
+    rng: jax.Array,
+    *,
+    train: bool = True,
+    label_smoothing: float = 0.0,
+) -> dict[str, jax.Array]:
+    """Loss of each task's batch; each task encodes its own images."""
+    losses = {}
+    for i, task in enumerate(sorted(batches)):
+        batch = batches[task]
+        logits, _ = model.apply(
+            {"params": params},
+            batch["image"],
+            batch["input_seq"],
+            train=train,
+            rngs={"dropout": jax.random.fold_in(rng, i)},
+        )
+        losses[task] = token_loss(
+            logits, batch["target_seq"], batch["token_weights"], label_smoothing
+        )
+    return losses
+
+
+def mixed_loss(
+    params: Any,
+    model: Any,
+    batches: Mapping[str, Mapping[str, jax.Array]],
+    rng: jax.Array,
+    weights: Mapping[str, float],
+    label_smoothing: float = 0.0,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """`Σ_t λ_t L_t` and the per-task losses."""
+    losses = task_losses(params, model, batches, rng, label_smoothing=label_smoothing)
+    total = sum(weights[t] * losses[t] for t in losses)
+    return total, losses
+
+
+def make_train_step(
+    model: Any,
+    optimizer: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    weights: Mapping[str, float],
+    *,
+    seed: int,
+    label_smoothing: float = 0.0,
+) -> Callable:
+    """The pure step `(state, batches) → (state, metrics)`; jit it with shardings."""
+
+    def step(state: TrainState, batches: Mapping[str, Any]) -> tuple[TrainState, dict]:
+        rng = jax.random.fold_in(jax.random.key(seed), state.step)
+        grad_fn = jax.value_and_grad(mixed_loss, has_aux=True)
+        (loss, losses), grads = grad_fn(state.params, model, batches, rng, weights, label_smoothing)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            "loss": loss,
+            "grad_norm": optax.global_norm(grads),
+            "learning_rate": schedule(state.step),
+            **{f"loss/{t}": v for t, v in losses.items()},
+        }
+        return TrainState(state.step + 1, params, opt_state), metrics
+
+    return step
+
+
+def task_weights(config: Any) -> dict[str, float]:
+    """λ_t of every task (batch mixing), or {"mixed": 1} (data mixing)."""
+    if config.train.mixing == "data":
+        return {"mixed": 1.0}
+    return {t: float(config.tasks[t].weight) for t in config.tasks}
+
+
+def data_mixing_shares(config: Any) -> dict[str, int]:
+    """Examples of each task in one data-mixing batch, in proportion to λ_t."""
+    total = int(config.train.batch_size)
+    weights = {t: float(config.tasks[t].weight) for t in config.tasks}
+    norm = sum(weights.values())
+    shares = {t: max(1, round(total * w / norm)) for t, w in weights.items()}
+    largest = max(shares, key=shares.get)
+    shares[largest] += total - sum(shares.values())
+    return shares
+
+
+def mix_examples(batches: Mapping[str, Mapping[str, np.ndarray]], length: int) -> dict:
+    """Concatenates task batches into one, sequences zero-padded to `length`."""
+    out: dict[str, list] = {"image": [], "input_seq": [], "target_seq": [], "token_weights": []}
+    for task in sorted(batches):
+        b = batches[task]
+        out["image"].append(b["image"])
+        for key in ("input_seq", "target_seq", "token_weights"):
+            x = b[key]
+            if x.ndim == 3:  # captioning: one caption per image in data mixing
+                x = x[:, 0]
+            out[key].append(np.pad(x, [(0, 0), (0, length - x.shape[-1])]))
+    return {k: np.concatenate(v, axis=0) for k, v in out.items()}
+
+
+def validate(config: Any) -> None:
+    """Fails early, naming the field, on settings the run cannot honour."""
+    if config.train.mixing not in MIXINGS:
+        raise ValueError(f"config.train.mixing={config.train.mixing!r}; choose one of {MIXINGS}")
+    for task in config.tasks:
+        if task not in vocab.TASK_PROMPTS:
+            raise ValueError(
+                f"config.tasks.{task}: unknown task; tasks are {list(vocab.TASK_PROMPTS)}"
+            )
+    n = jax.process_count()
+    if int(config.train.batch_size) % n:
+        raise ValueError(
+            f"config.train.batch_size={config.train.batch_size} must divide by {n} processes"
+        )
+    captions = config.tasks.get("captioning")
+    if config.train.mixing == "data" and captions and int(captions.captions_per_image) != 1:
+        raise ValueError("train.mixing=data needs config.tasks.captioning.captions_per_image=1")
+
+
+def create_state(
+    model: Any, optimizer: optax.GradientTransformation, config: Any, mesh: Any, seq_len: int
+) -> tuple[TrainState, Any]:
+    """Initialises parameters already sharded; returns the state and its shardings."""
+    size = int(config.data.image_size)
+
+    def init(rng):
+        images = jnp.zeros([1, size, size, 3], jnp.float32)
+        tokens = jnp.zeros([1, seq_len], jnp.int32)
+        params = model.init(rng, images, tokens, train=False)["params"]
+        return TrainState(jnp.zeros([], jnp.int32), params, optimizer.init(params))
+
+    rng = jax.random.key(int(config.seed))
+    abstract = jax.eval_shape(init, rng)
+    shardings = sharding.tree_shardings(abstract, mesh, [tuple(r) for r in config.sharding_rules])
+    state = jax.jit(init, out_shardings=shardings)(rng)
+    return state, shardings
+
+
+def _format_eta(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class _Inputs:
+    """Per-task tf.data iterators of this process, yielding numpy batches."""
+
+    def __init__(self, config: Any, space: vocab.TokenSpace, data: inputs.SplitData):
+        self.data = data
+        self.mixing = config.train.mixing
+        flip_perm = data.category_map.flip_permutation(int(config.data.num_keypoints))
+        n, i = jax.process_count(), jax.process_index()
+        if self.mixing == "data":
+            batch = {t: s // n for t, s in data_mixing_shares(config).items()}
+        else:
+            batch = {t: int(config.train.batch_size) // n for t in config.tasks}
+        self.length = max(sequence_lengths(config).values())
+        self.iterators = {}
+        for k, task in enumerate(config.tasks):
+            ds = pipeline.train_dataset(
+                task,
+                data.examples,
+                config,
+                space,
+                batch_size=max(batch[task], 1),
+                seed=int(config.seed) * 100 + k,
+                process_index=i,
+                process_count=n,
+                flip_perm=flip_perm,
+            )
+            self.iterators[task] = iter(ds)
+
+    def next(self) -> dict[str, dict[str, np.ndarray]]:
+        batches = {t: inputs.next_numpy(it, self.data) for t, it in self.iterators.items()}
+        for b in batches.values():
+            b.pop("num_truncated", None)
+        if self.mixing == "data":
+            return {"mixed": mix_examples(batches, self.length)}
+        return batches
+
+
+def train(config: Any, workdir: str) -> tuple[TrainState, Any]:
+    """Trains (or resumes) the run in `workdir`; returns the final state and model."""
+    validate(config)
+    # --- Logging.
+    writer = metric_writers.create_default_writer(
+        workdir, just_logging=jax.process_index() > 0, asynchronous=True
+    )
+    space = vocab.TokenSpace.from_config(config.vocab)
+    total_steps = int(config.train.steps)
+
+    # --- Mesh and input.
+    mesh = sharding.make_mesh([tuple(a) for a in config.mesh])
+    data = inputs.load_split(config, config.data.train_split, space)
+    data.category_map.save(os.path.join(workdir, "categories.json"))
+    feed = _Inputs(config, space, data)
+    logging.info("Training on %d images; tasks %s", data.num_images, list(config.tasks))
+
+    # --- Model, optimizer and state, created sharded.
+    model = build_model(config, space)
+    schedule = optim.schedule(config.optim, total_steps)
+    optimizer = optim.make_optimizer(config.optim, total_steps)
+    state, state_shardings = create_state(model, optimizer, config, mesh, feed.length)
+    n_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
+    logging.info("Model %s: %.2fM parameters", config.model.variant, n_params / 1e6)
+
+    # --- Checkpoint: resume from the latest step in the workdir.
+    ckpt = checkpoint.Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        every=int(config.train.checkpoint_every),
+        keep=int(config.train.keep_checkpoints),
+    )
+    start = ckpt.latest_step() or 0
+    if start:
+        state = ckpt.restore(start, state)
+        if not ckpt.restore_inputs(start, feed.iterators):
+            logging.warning("No input state at step %d: the input order restarts", start)
+        logging.info("Resumed from step %d", start)
+
+    # --- The update step.
+    step_fn = make_train_step(
+        model,
+        optimizer,
+        schedule,
+        task_weights(config),
+        seed=int(config.seed),
+        label_smoothing=float(config.optim.label_smoothing),
+    )
+    step_fn = jax.jit(
+        step_fn,
+        in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+        out_shardings=(state_shardings, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )
+
+    # --- Loop.
+    log_every = max(int(config.train.log_every), 1)
+    tic, tic_step = time.perf_counter(), start
+    metrics = None
+    for step in range(start + 1, total_steps + 1):
+        batches = sharding.to_global(feed.next(), mesh)
+        state, metrics = step_fn(state, batches)
+        if step % log_every == 0 or step == total_steps:
+            metrics = jax.device_get(metrics)
+            if not np.isfinite(metrics["loss"]):
+                raise FloatingPointError(
+                    f"loss is {metrics['loss']} at step {step}; the last checkpoint is step "
+                    f"{ckpt.latest_step()} in {ckpt.directory}"
+                )
+            rate = (step - tic_step) / (time.perf_counter() - tic)
+            writer.write_scalars(step, {**metrics, "steps_per_s": rate})
+            eta = _format_eta((total_steps - step) / rate if rate > 0 else float("inf"))
+            per_task = " ".join(
+                f"{k[5:]} {v:.3f}" for k, v in metrics.items() if k.startswith("loss/")
+            )
+            print(
+                f"step {step}/{total_steps} | loss {metrics['loss']:.4f} ({per_task}) | "
+                f"|g| {metrics['grad_norm']:.2f} | lr {metrics['learning_rate']:.2e} | "
+                f"{rate:.2f} steps/s | ETA {eta}",
+                flush=True,
+            )
+            tic, tic_step = time.perf_counter(), step
+        if ckpt.should_save(step, total_steps):
+            ckpt.save(step, state, feed.iterators)
+    ckpt.wait()
+    writer.flush()
+    return state, model
+
+
+def restore_params(config: Any, workdir: str) -> tuple[Any, Any, int]:
+    """Parameters of the latest checkpoint in `workdir` (for `--mode eval`)."""
+    space = vocab.TokenSpace.from_config(config.vocab)
+    mesh = sharding.make_mesh([tuple(a) for a in config.mesh])
+    model = build_model(config, space)
+    total_steps = int(config.train.steps)
+    optimizer = optim.make_optimizer(config.optim, total_steps)
+    state, _ = create_state(model, optimizer, config, mesh, max(sequence_lengths(config).values()))
+    ckpt = checkpoint.Checkpointer(
+        os.path.join(workdir, "checkpoints"), every=0, keep=int(config.train.keep_checkpoints)
+    )
+    step = ckpt.latest_step()
+    if step is None:
+        raise FileNotFoundError(
+            f"no checkpoint in {ckpt.directory}; train first (--mode train) or fix --workdir"
+        )
+    state = ckpt.restore(step, state)
+    return state.params, model, step
