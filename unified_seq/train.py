@@ -250,11 +250,16 @@ class _Inputs:
                 flip_perm=flip_perm,
             )
             self.iterators[task] = iter(ds)
+        self.truncated: dict[str, int] = {}
 
     def next(self) -> dict[str, dict[str, np.ndarray]]:
         batches = {t: inputs.next_numpy(it, self.data) for t, it in self.iterators.items()}
-        for b in batches.values():
-            b.pop("num_truncated", None)
+        for task, b in batches.items():
+            # Objects (detection) or polygon points (segmentation) that did not
+            # fit the sequence: counted, reported, never a crash.
+            for key in [k for k in b if k.startswith("num_truncated")]:
+                name = f"truncated/{task}"
+                self.truncated[name] = self.truncated.get(name, 0) + int(b.pop(key).sum())
         if self.mixing == "data":
             return {"mixed": mix_examples(batches, self.length)}
         return batches
@@ -329,7 +334,7 @@ def train(config: Any, workdir: str) -> tuple[TrainState, Any]:
                     f"{ckpt.latest_step()} in {ckpt.directory}"
                 )
             rate = (step - tic_step) / (time.perf_counter() - tic)
-            writer.write_scalars(step, {**metrics, "steps_per_s": rate})
+            writer.write_scalars(step, {**metrics, **feed.truncated, "steps_per_s": rate})
             eta = _format_eta((total_steps - step) / rate if rate > 0 else float("inf"))
             per_task = " ".join(
                 f"{k[5:]} {v:.3f}" for k, v in metrics.items() if k.startswith("loss/")
@@ -345,6 +350,8 @@ def train(config: Any, workdir: str) -> tuple[TrainState, Any]:
             ckpt.save(step, state, feed.iterators)
     ckpt.wait()
     writer.flush()
+    if any(feed.truncated.values()):
+        print(f"Did not fit the sequences (counted, trained without): {feed.truncated}", flush=True)
     return state, model
 
 
