@@ -391,3 +391,18 @@ def test_ground_truth_through_codec_reaches_full_ap():
         evaluation.accumulate()
         evaluation.summarize()
     assert evaluation.stats[0] >= 0.95
+
+
+def test_raster_order_sorts_objects_top_to_bottom_then_left_to_right():
+    cfg = _cfg()
+    cfg.object_order = "raster"
+    cfg.noise_objects = False
+    boxes = tf.constant(
+        [[0.5, 0.1, 0.6, 0.2], [0.1, 0.7, 0.2, 0.8], [0.5, 0.05, 0.7, 0.1]], tf.float32
+    )
+    out = detection.encode(boxes, tf.constant([1, 2, 3]), tf.constant([0, 1]), cfg, SPACE)
+    classes = out["target_seq"].numpy()[4:15:5]
+    np.testing.assert_array_equal(classes, [102, 103, 101])
+    cfg.object_order = "sideways"
+    with pytest.raises(ValueError, match="object_order"):
+        detection.encode(boxes, tf.constant([1, 2, 3]), tf.constant([0, 1]), cfg, SPACE)

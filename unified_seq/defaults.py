@@ -72,6 +72,8 @@ def task_configs() -> ml_collections.ConfigDict:
                 "max_instances": 100,
                 "eos_weight": 0.1,
                 "noise_objects": True,
+                # random (paper) | raster: sorted by ymin, then xmin.
+                "object_order": "random",
                 # rand_n_fake_cls: input class tokens become a random class or
                 # the fake class, 50/50; "none" keeps them.
                 "class_corruption": "rand_n_fake_cls",
@@ -144,6 +146,7 @@ def train_config() -> ml_collections.ConfigDict:
             # data: one batch holding every task's examples in fixed proportions.
             "mixing": "batch",
             "log_every": 50,
+            "eval_every": 0,  # evaluate during training every N steps (0 = only at the end)
             "checkpoint_every": 1000,
             "keep_checkpoints": 3,
         }

@@ -288,6 +288,9 @@ def evaluate(config: Any, workdir: str, params: Any, model: Any, step: int) -> d
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "eval_results.json"), "w") as f:
             json.dump(report, f, indent=2)
+        # Every evaluation of the run, one JSON line each: the learning curve.
+        with open(os.path.join(workdir, "eval_history.jsonl"), "a") as f:
+            f.write(json.dumps({**report, "wall_time": round(time.time(), 1)}) + "\n")
     logging.info("Evaluation at step %d: %s", step, report)
     return report
 

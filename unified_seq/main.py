@@ -51,8 +51,14 @@ def main(argv: list[str]) -> None:
     if mode == "data":
         data_check.run(config, workdir)
         return
+
+    def evaluate_during_training(step, params, model):
+        report = evaluate.evaluate(config, workdir, params, model, step)
+        print(f"eval at step {step}: {json.dumps(report)}", flush=True)
+
     if mode in ("train", "train_and_eval"):
-        state, model = train.train(config, workdir)
+        during = evaluate_during_training if mode == "train_and_eval" else None
+        state, model = train.train(config, workdir, during)
         params, step = state.params, int(state.step)
     else:
         params, model, step = train.restore_params(config, workdir)

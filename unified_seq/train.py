@@ -265,8 +265,14 @@ class _Inputs:
         return batches
 
 
-def train(config: Any, workdir: str) -> tuple[TrainState, Any]:
-    """Trains (or resumes) the run in `workdir`; returns the final state and model."""
+def train(
+    config: Any, workdir: str, evaluate_fn: Callable[[int, Any, Any], Any] | None = None
+) -> tuple[TrainState, Any]:
+    """Trains (or resumes) the run in `workdir`; returns the final state and model.
+
+    `evaluate_fn(step, params, model)` runs every `train.eval_every` steps
+    (0 = never) during training.
+    """
     validate(config)
     # --- Logging.
     writer = metric_writers.create_default_writer(
@@ -348,6 +354,10 @@ def train(config: Any, workdir: str) -> tuple[TrainState, Any]:
             tic, tic_step = time.perf_counter(), step
         if ckpt.should_save(step, total_steps):
             ckpt.save(step, state, feed.iterators)
+        eval_every = int(config.train.get("eval_every", 0))
+        if evaluate_fn and eval_every and step % eval_every == 0 and step != total_steps:
+            evaluate_fn(step, state.params, model)
+            tic, tic_step = time.perf_counter(), step
     ckpt.wait()
     writer.flush()
     if any(feed.truncated.values()):

@@ -38,6 +38,7 @@ TOKENS_PER_OBJECT = 5
 DUPLICATE_JITTER_SD = 0.05
 RANDOM_BOX_SIZE_SD = 0.5
 NOISE_CLASS_WEIGHT = 1.0
+OBJECT_ORDERS = ("random", "raster")
 CLASS_CORRUPTIONS = ("rand_n_fake_cls", "none")
 
 
@@ -150,7 +151,7 @@ def encode(
         noise_objects, class_corruption).
       space: token space.
       training: add noise objects and corrupt input classes (per cfg);
-        objects are shuffled either way.
+        objects are in `cfg.object_order` either way (random: the paper).
       extent: float32[2] (height, width) of the image inside the canvas, as a
         share of the canvas side; noise boxes stay inside it, as the official
         code draws them before padding. None: the whole canvas.
@@ -160,6 +161,10 @@ def encode(
       (L = sequence_length(cfg)), and `num_truncated` int32[]: objects beyond
       `max_instances` that were left out.
     """
+    if cfg.get("object_order", "random") not in OBJECT_ORDERS:
+        raise ValueError(
+            f"object_detection.object_order={cfg.object_order!r}; use one of {OBJECT_ORDERS}"
+        )
     if cfg.class_corruption not in CLASS_CORRUPTIONS:
         raise ValueError(
             f"object_detection.class_corruption={cfg.class_corruption!r}; "
@@ -175,7 +180,14 @@ def encode(
     bbox = tf.reshape(tf.cast(bbox, tf.float32), [-1, 4])
     classes = tf.reshape(tf.cast(classes, tf.int32), [-1])
     n = tf.shape(bbox)[0]
-    order = tf.random.experimental.stateless_shuffle(tf.range(n), order_seed)[:max_instances]
+    if cfg.get("object_order", "random") == "raster":
+        # Top-to-bottom, then left-to-right: one answer per image, which a
+        # small model learns far sooner than the paper's random order.
+        q = space.coord_tokens(bbox[:, :2])
+        order = tf.argsort(q[:, 0] * space.bins + q[:, 1], stable=True)[:max_instances]
+    else:
+        order = tf.random.experimental.stateless_shuffle(tf.range(n), order_seed)
+        order = order[:max_instances]
     bbox = tf.gather(bbox, order)
     class_tokens = tf.gather(classes, order) + vocab.CLASS_SHIFT
     num_real = tf.shape(order)[0]
