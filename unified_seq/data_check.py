@@ -83,7 +83,9 @@ def run(config: Any, workdir: str, num_batches: int = 5) -> dict:
         truncated = 0
         for _ in range(num_batches):
             batch = next(batches)
-            truncated += int(np.sum(batch.get("num_truncated", 0)))
+            # Objects (detection) or polygon points (segmentation) cut to fit.
+            counts = [v for k, v in batch.items() if k.startswith("num_truncated")]
+            truncated += sum(int(v.sum()) for v in counts)
         rate = num_batches * batch_size / (time.perf_counter() - tic)
         path = os.path.join(out_dir, f"{task}.png")
         preview(task, first, config, space, data.tokenizer).save(path)

@@ -90,10 +90,10 @@ def _train_example(task: str, example: dict, seed: tf.Tensor, ctx: dict) -> dict
     cfg, space, size = ctx["cfg"], ctx["space"], ctx["size"]
     seeds = tf.random.experimental.stateless_split(seed, 6)
     image = decode_image(example)
-    norm = _normalised(example, image)
     if task == "object_detection":
         keep = _target_objects(example)
-        f = {"image": image, "boxes": tf.boolean_mask(norm["boxes"], keep)}
+        boxes = example["objects/bbox"] / tf.tile(transforms.image_hw(image), [2])
+        f = {"image": image, "boxes": tf.boolean_mask(boxes, keep)}
         classes = tf.boolean_mask(example["objects/class"], keep)
         f["class"] = classes
         f = _augment(f, seeds[:3], cfg, size, None)
@@ -117,6 +117,8 @@ def _train_example(task: str, example: dict, seed: tf.Tensor, ctx: dict) -> dict
         f = transforms.pad_to_square(f, size, ctx["pad_value"])
         seq = captioning.encode(example["captions/ids"], seeds[3], cfg, space, training=True)
         return {"image": f["image"], **seq}
+    # Only the per-instance tasks need polygons and keypoints normalised.
+    norm = _normalised(example, image)
     i = _pick(_candidates(task, example, cfg), seeds[5])
     cls = example["objects/class"][i]
     f = {"image": image, "boxes": norm["boxes"][i][None]}
