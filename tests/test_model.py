@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from unified_seq.models import SIZES, build_model, model_config
-from unified_seq.models.vit import posemb_sincos_2d
+from unified_seq.models.vit import ConvStem, posemb_sincos_2d
 
 VOCAB = 300
 TINY = dict(
@@ -146,3 +146,37 @@ def test_sincos_matches_the_formula():
         np.testing.assert_allclose(code[i * w + j, c], expected(i, j, c), atol=1e-6)
     # Corners: coordinate 2π at the last row/column.
     np.testing.assert_allclose(code[(h - 1) * w, 0], np.sin(2 * np.pi), atol=1e-6)
+
+
+def test_conv_stem_gives_the_patch_grid_and_sees_locally():
+    model = build_model(model_config("tiny", stem="conv", **TINY), VOCAB, max_len=16)
+    images = jax.random.uniform(jax.random.key(1), (2, 32, 32, 3))
+    tokens = jax.random.randint(jax.random.key(2), (2, 10), 0, VOCAB)
+    variables = model.init(jax.random.key(0), images, tokens)
+    stem = variables["params"]["encoder"]["conv_stem"]
+    # patch 8 = three stride-2 convolutions, then the 1x1 projection.
+    assert sorted(k for k in stem if k.startswith("conv")) == ["conv_0", "conv_1", "conv_2"]
+    assert stem["proj"]["kernel"].shape == (1, 1, 32, 32)
+    grid = model.apply(variables, images, method=lambda m, x: m.encoder(x, train=False))
+    assert grid.shape == (2, 4, 4, 32)
+
+    # A pixel change in the top-left corner reaches the stem's top-left token
+    # but, through the small receptive field of 3x3 convolutions, not the far corner.
+    changed = images.at[:, 0, 0].set(1.0 - images[:, 0, 0])
+    conv_stem = ConvStem(8, 32)
+    a = conv_stem.apply({"params": stem}, images)
+    b = conv_stem.apply({"params": stem}, changed)
+    delta = np.abs(np.asarray(a - b)).max(axis=(0, 3))
+    assert delta[0, 0] > 1e-4 and delta[3, 3] == 0.0
+
+
+def test_conv_stem_rejects_a_patch_size_that_is_not_a_power_of_two():
+    model = build_model(model_config("tiny", stem="conv", **{**TINY, "patch_size": 6}), VOCAB, 16)
+    with pytest.raises(ValueError, match="power-of-two"):
+        model.init(jax.random.key(0), jnp.zeros((1, 24, 24, 3)), jnp.zeros((1, 4), jnp.int32))
+
+
+def test_unknown_stem_is_refused():
+    model = build_model(model_config("tiny", stem="pixels", **TINY), VOCAB, 16)
+    with pytest.raises(ValueError, match="model.stem"):
+        model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), jnp.zeros((1, 4), jnp.int32))

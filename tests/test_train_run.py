@@ -81,3 +81,21 @@ def test_tiny_model_overfits_sixteen_images(data_dir, tmp_path):
     assert report["object_detection"]["AP"] >= 0.9, report
     with open(os.path.join(workdir, "eval_results.json")) as f:
         assert json.load(f)["object_detection"]["AP"] == report["object_detection"]["AP"]
+
+
+def test_a_task_can_have_its_own_batch_size(data_dir):
+    from unified_seq import vocab
+    from unified_seq.data import inputs
+
+    config = _config(data_dir)
+    config.tasks.object_detection.batch_size = 8
+    assert train.task_batch_sizes(config) == {"object_detection": 8, "captioning": 4}
+    space = vocab.TokenSpace.from_config(config.vocab)
+    feed = train._Inputs(config, space, inputs.load_split(config, "train", space))
+    batches = feed.next()
+    assert batches["object_detection"]["image"].shape == (8, 64, 64, 3)
+    assert batches["captioning"]["input_seq"].shape[:2] == (4, 2)
+
+    config.train.mixing = "data"
+    with pytest.raises(ValueError, match="tasks.object_detection.batch_size"):
+        train.validate(config)

@@ -63,7 +63,13 @@ def data_config() -> ml_collections.ConfigDict:
 
 def task_configs() -> ml_collections.ConfigDict:
     """Per-task codec, augmentation and sampling settings (official values)."""
-    common = {"scale_jitter": (0.3, 2.0), "flip": True, "temperature": 1.0, "top_k": 0}
+    common = {
+        "scale_jitter": (0.3, 2.0),
+        "flip": True,
+        "temperature": 1.0,
+        "top_k": 0,
+        "batch_size": 0,  # global batch in batch mixing; 0 = train.batch_size
+    }
     return ml_collections.ConfigDict(
         {
             "object_detection": {

@@ -152,6 +152,16 @@ def task_weights(config: Any) -> dict[str, float]:
     return {t: float(config.tasks[t].weight) for t in config.tasks}
 
 
+def task_batch_sizes(config: Any) -> dict[str, int]:
+    """Global batch of each task in batch mixing: `tasks.<t>.batch_size`, else `train.batch_size`.
+
+    A cheap task (detection's short sequences) can see more images per step
+    than an expensive one (segmentation's long polygons) at little cost.
+    """
+    default = int(config.train.batch_size)
+    return {t: int(config.tasks[t].get("batch_size", 0) or default) for t in config.tasks}
+
+
 def data_mixing_shares(config: Any) -> dict[str, int]:
     """Examples of each task in one data-mixing batch, in proportion to λ_t."""
     total = int(config.train.batch_size)
@@ -191,6 +201,15 @@ def validate(config: Any) -> None:
         raise ValueError(
             f"config.train.batch_size={config.train.batch_size} must divide by {n} processes"
         )
+    for task in config.tasks:
+        size = int(config.tasks[task].get("batch_size", 0) or 0)
+        if size and config.train.mixing == "data":
+            raise ValueError(
+                f"config.tasks.{task}.batch_size is for train.mixing=batch; data mixing splits "
+                "train.batch_size by the task weights"
+            )
+        if size % n:
+            raise ValueError(f"config.tasks.{task}.batch_size={size} must divide by {n} processes")
     captions = config.tasks.get("captioning")
     if config.train.mixing == "data" and captions and int(captions.captions_per_image) != 1:
         raise ValueError("train.mixing=data needs config.tasks.captioning.captions_per_image=1")
@@ -234,7 +253,7 @@ class _Inputs:
         if self.mixing == "data":
             batch = {t: s // n for t, s in data_mixing_shares(config).items()}
         else:
-            batch = {t: int(config.train.batch_size) // n for t in config.tasks}
+            batch = {t: s // n for t, s in task_batch_sizes(config).items()}
         self.length = max(sequence_lengths(config).values())
         self.iterators = {}
         for k, task in enumerate(config.tasks):

@@ -3,6 +3,7 @@
     config.model = model_config("tiny")                 # in a configs/*.py
     --config.model.variant=vit-b                        # on the command line
     --config.model.dec_depth=4                          # one size, any variant
+    --config.model.stem=conv                            # conv stem (vit.ConvStem)
     model = build_model(config.model, vocab_size, max_len)
 
 Every size field of the config block defaults to None, meaning "the
@@ -95,10 +96,11 @@ def model_config(variant: str = "tiny", **overrides: Any) -> ml_collections.Conf
     Args:
       variant: one of `SIZES` (tiny, small, vit-b, vit-l).
       **overrides: size fields (e.g. dec_depth=4), dropout, drop_path, or
-        dtype ("float32" | "bfloat16", the compute type; parameters stay float32).
+        dtype ("float32" | "bfloat16", the compute type; parameters stay float32),
+        stem ("patch", the official patch projection, | "conv", vit.ConvStem).
     """
     _check_variant(variant)
-    block = {"variant": variant, "dtype": "float32"}
+    block = {"variant": variant, "dtype": "float32", "stem": "patch"}
     block.update({k: config_dict.placeholder(int) for k in _INT_FIELDS})
     block.update({k: config_dict.placeholder(float) for k in ("dropout", "drop_path")})
     config = ml_collections.ConfigDict(block)
@@ -114,6 +116,7 @@ def resolve(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
     model_cfg = dict(model_cfg)
     sizes = dict(_check_variant(model_cfg.pop("variant")))
     dtype = model_cfg.pop("dtype", "float32")
+    stem = model_cfg.pop("stem", "patch")
     if dtype not in DTYPES:
         raise ValueError(f"model.dtype {dtype!r} is unknown; choose one of {sorted(DTYPES)}")
     for key, value in model_cfg.items():
@@ -122,6 +125,7 @@ def resolve(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
         if value is not None:
             sizes[key] = value
     sizes["dtype"] = dtype
+    sizes["stem"] = stem
     return sizes
 
 
@@ -141,6 +145,7 @@ def build_model(model_cfg: Mapping[str, Any], vocab_size: int, max_len: int) -> 
             depth=s["enc_depth"],
             mlp_dim=s["enc_mlp_dim"],
             num_heads=s["enc_heads"],
+            stem=s["stem"],
         ),
         decoder_config=dict(
             width=s["dec_width"],

@@ -156,11 +156,53 @@ class EncoderBlock(nn.Module):
         return x + skip(h, deterministic=not train)
 
 
+class ConvStem(nn.Module):
+    """Stack of 3x3 stride-2 convolutions in place of the one-shot patch projection.
+
+    log2(patch_size) convolutions, each halving the side and doubling the
+    channels up to `width`, with LayerNorm and GELU between them, then a 1x1
+    projection: the same token grid as the patch stem. Early convolutions make
+    small ViTs learn where things are much sooner (Xiao et al. 2021, "Early
+    convolutions help transformers see better"); the official Pix2Seq uses the
+    patch stem, the default here too.
+    """
+
+    patch_size: int
+    width: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: jax.Array) -> jax.Array:
+        """float32[B, H, W, 3] → float32[B, H / patch, W / patch, width]."""
+        num_convs = int(np.log2(self.patch_size))
+        if 2**num_convs != self.patch_size:
+            raise ValueError(f"stem 'conv' needs a power-of-two patch_size, got {self.patch_size}")
+        x = images
+        for i in range(num_convs):
+            features = max(self.width // 2 ** (num_convs - 1 - i), 16)
+            x = nn.Conv(
+                features,
+                (3, 3),
+                strides=(2, 2),
+                padding="SAME",
+                dtype=self.dtype,
+                kernel_init=dense_init,
+                name=f"conv_{i}",
+            )(x)
+            x = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name=f"ln_{i}")(x)
+            x = nn.gelu(x, approximate=False)
+        return nn.Conv(self.width, (1, 1), dtype=self.dtype, kernel_init=dense_init, name="proj")(x)
+
+
+STEMS = ("patch", "conv")
+
+
 class Encoder(nn.Module):
     """ViT over square patches, returning the token grid.
 
     Attributes:
       patch_size: side of a patch in pixels (kernel = stride of the stem).
+      stem: "patch" (one strided convolution, official) or "conv" (ConvStem).
       width, depth, mlp_dim, num_heads: Transformer sizes.
       dropout: rate on the MLP hidden units.
       drop_path: stochastic-depth rate on every residual branch.
@@ -173,6 +215,7 @@ class Encoder(nn.Module):
     num_heads: int
     dropout: float = 0.0
     drop_path: float = 0.0
+    stem: str = "patch"
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -187,15 +230,20 @@ class Encoder(nn.Module):
           float32[B, H / patch, W / patch, width] (sizes rounded down).
         """
         p = self.patch_size
-        x = nn.Conv(
-            self.width,
-            (p, p),
-            strides=(p, p),
-            padding="VALID",
-            kernel_init=dense_init,
-            dtype=self.dtype,
-            name="stem",
-        )(images)
+        if self.stem == "conv":
+            x = ConvStem(p, self.width, self.dtype, name="conv_stem")(images)
+        elif self.stem == "patch":
+            x = nn.Conv(
+                self.width,
+                (p, p),
+                strides=(p, p),
+                padding="VALID",
+                kernel_init=dense_init,
+                dtype=self.dtype,
+                name="stem",
+            )(images)
+        else:
+            raise ValueError(f"model.stem={self.stem!r}; choose one of {STEMS}")
         b, h, w, _ = x.shape
         x = x.reshape(b, h * w, self.width)
         x = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name="stem_ln")(x)
