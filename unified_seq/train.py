@@ -201,13 +201,13 @@ def validate(config: Any) -> None:
         raise ValueError(
             f"config.train.batch_size={config.train.batch_size} must divide by {n} processes"
         )
-    for task in config.tasks:
-        size = int(config.tasks[task].get("batch_size", 0) or 0)
-        if size and config.train.mixing == "data":
-            raise ValueError(
-                f"config.tasks.{task}.batch_size is for train.mixing=batch; data mixing splits "
-                "train.batch_size by the task weights"
-            )
+    own = [t for t in config.tasks if config.tasks[t].get("batch_size", 0)]
+    if own and config.train.mixing == "data":
+        raise ValueError(
+            f"config.tasks.{own[0]}.batch_size is for train.mixing=batch; data mixing splits "
+            "train.batch_size by the task weights"
+        )
+    for task, size in task_batch_sizes(config).items():
         if size % n:
             raise ValueError(f"config.tasks.{task}.batch_size={size} must divide by {n} processes")
     captions = config.tasks.get("captioning")

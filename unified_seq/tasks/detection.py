@@ -161,7 +161,7 @@ def encode(
       (L = sequence_length(cfg)), and `num_truncated` int32[]: objects beyond
       `max_instances` that were left out.
     """
-    if cfg.get("object_order", "random") not in OBJECT_ORDERS:
+    if cfg.object_order not in OBJECT_ORDERS:
         raise ValueError(
             f"object_detection.object_order={cfg.object_order!r}; use one of {OBJECT_ORDERS}"
         )
@@ -180,7 +180,7 @@ def encode(
     bbox = tf.reshape(tf.cast(bbox, tf.float32), [-1, 4])
     classes = tf.reshape(tf.cast(classes, tf.int32), [-1])
     n = tf.shape(bbox)[0]
-    if cfg.get("object_order", "random") == "raster":
+    if cfg.object_order == "raster":
         # Top-to-bottom, then left-to-right: one answer per image, which a
         # small model learns far sooner than the paper's random order.
         q = space.coord_tokens(bbox[:, :2])
