@@ -53,6 +53,7 @@ def test_paper_config_matches_design():
     config = _load("configs/multitask_coco.py")
     assert config.model.variant == "vit-b" and config.data.image_size == 640
     assert config.model.stem == "patch"  # the official ViT patch projection
+    assert config.model.coord_embed_init == "normal"  # the official embedding init
     weights = {t: config.tasks[t].weight for t in config.tasks}
     assert weights == {"object_detection": 0.1782, "instance_segmentation": 0.7128,
                        "captioning": 0.099, "keypoint_detection": 0.01}  # fmt: skip

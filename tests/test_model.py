@@ -1,4 +1,4 @@
-"""The encoder-decoder: shapes, causality, dropout, sizes and the sin-cos code."""
+"""The encoder-decoder: shapes, causality, dropout, sizes, stems and the sin-cos codes."""
 
 import jax
 import jax.numpy as jnp
@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from unified_seq.models import SIZES, build_model, model_config
+from unified_seq.models.decoder import ordered_code_1d
 from unified_seq.models.vit import ConvStem, posemb_sincos_2d
 
 VOCAB = 300
@@ -180,3 +181,47 @@ def test_unknown_stem_is_refused():
     model = build_model(model_config("tiny", stem="pixels", **TINY), VOCAB, 16)
     with pytest.raises(ValueError, match="model.stem"):
         model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), jnp.zeros((1, 4), jnp.int32))
+
+
+def test_ordered_code_keeps_nearby_bins_nearby():
+    code = ordered_code_1d(128, 32)
+    assert code.shape == (128, 32) and code.dtype == np.float32
+    np.testing.assert_allclose(code.std(), 0.02, rtol=1e-5)
+    # Distance from bin 0 grows with the bin distance over the first eighth
+    # (the fastest frequency's half period), and a neighbour is nearer than
+    # any bin 4 or more away.
+    dist = np.linalg.norm(code - code[0], axis=1)
+    assert np.all(np.diff(dist[:17]) > 0)
+    assert dist[1] < dist[4:].min()
+    with pytest.raises(ValueError, match="even width"):
+        ordered_code_1d(8, 5)
+
+
+def test_sincos_coord_init_sets_only_the_coordinate_rows():
+    images = jnp.zeros((1, 32, 32, 3))
+    tokens = jnp.zeros((1, 4), jnp.int32)
+
+    def embedding(cfg, coord_range):
+        model = build_model(cfg, VOCAB, 16, coord_range=coord_range)
+        params = model.init(jax.random.key(0), images, tokens)["params"]
+        return np.asarray(params["decoder"]["embed"]["embedding"])
+
+    normal = embedding(model_config("tiny", **TINY), (100, 64))
+    ordered = embedding(model_config("tiny", coord_embed_init="sincos", **TINY), (100, 64))
+    np.testing.assert_array_equal(ordered[100:164], ordered_code_1d(64, 32))
+    # Same key, so every other row is the normal draw.
+    np.testing.assert_array_equal(ordered[:100], normal[:100])
+    np.testing.assert_array_equal(ordered[164:], normal[164:])
+    assert not np.allclose(normal[100:164], ordered[100:164])
+
+
+def test_sincos_coord_init_errors():
+    cfg = model_config("tiny", coord_embed_init="sincos", **TINY)
+    with pytest.raises(ValueError, match="coordinate range"):
+        build_model(cfg, VOCAB, 16)
+    model = build_model(cfg, VOCAB, 16, coord_range=(250, 100))  # 350 rows > 300
+    with pytest.raises(ValueError, match="exceed vocab"):
+        model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), jnp.zeros((1, 4), jnp.int32))
+    cfg.coord_embed_init = "uniform"
+    with pytest.raises(ValueError, match="coord_embed_init"):
+        build_model(cfg, VOCAB, 16, coord_range=(100, 64))

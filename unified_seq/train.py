@@ -55,7 +55,12 @@ def sequence_lengths(config: Any) -> dict[str, int]:
 
 def build_model(config: Any, space: vocab.TokenSpace):
     """The model for `config.model`, long enough for every task's sequences."""
-    return sizes.build_model(config.model, space.vocab_size, max(sequence_lengths(config).values()))
+    return sizes.build_model(
+        config.model,
+        space.vocab_size,
+        max(sequence_lengths(config).values()),
+        coord_range=(space.coord_shift, space.bins),
+    )
 
 
 def token_loss(

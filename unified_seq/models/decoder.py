@@ -21,16 +21,55 @@ H heads, D head width):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from unified_seq.models.vit import LN_EPS, Attention, MlpBlock, drop_path
 
 Cache = list[dict[str, jax.Array]]
 embed_init = nn.initializers.truncated_normal(stddev=0.02)
+EMBED_INITS = ("normal", "sincos")
+
+
+def ordered_code_1d(count: int, width: int) -> np.ndarray:
+    """float32[count, width]: sin-cos code of 0 … count-1, std 0.02 like embed_init.
+
+    Frequencies run from 4 cycles over the whole range (neighbours differ,
+    distant bins are far apart) down to nearly constant, so nearby indices
+    get nearby vectors at every scale.
+    """
+    if width % 2:
+        raise ValueError(f"the sin-cos code needs an even width, got {width}")
+    angle = np.arange(count)[:, None] / count * 2 * np.pi * 4
+    freq = 1.0 / 10000.0 ** (2 * np.arange(width // 2) / width)
+    code = np.concatenate([np.sin(angle * freq), np.cos(angle * freq)], axis=1)
+    return (code / code.std() * 0.02).astype(np.float32)
+
+
+def token_embed_init(coord_range: tuple[int, int] | None) -> Callable[..., jax.Array]:
+    """Normal init, with rows [start, start + count) set to `ordered_code_1d`.
+
+    Coordinate tokens are ordered: bin 41 lies between 40 and 42. Untouched
+    normal rows make the decoder learn that order before it can place a
+    point inside a prompted box; starting from an ordered code it need not
+    (README: segmentation AP 0.006 -> 0.138 in an 800-step probe).
+    """
+    if coord_range is None:
+        return embed_init
+
+    def init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
+        start, count = coord_range
+        if start + count > shape[0]:
+            raise ValueError(f"coordinate rows [{start}, {start + count}) exceed vocab {shape[0]}")
+        code = jnp.asarray(ordered_code_1d(count, shape[1]), dtype)
+        return embed_init(key, shape, dtype).at[start : start + count].set(code)
+
+    return init
 
 
 def attention_mask(num_queries: int, num_keys: int, index: jax.Array | int) -> jax.Array:
@@ -116,6 +155,8 @@ class Decoder(nn.Module):
       max_len: longest sequence (prompt + answer) the position embedding covers.
       width, depth, mlp_dim, num_heads: Transformer sizes.
       dropout, drop_path: as in the encoder.
+      coord_range: (first coordinate token, bins) to start from an ordered
+        code (`token_embed_init`), or None for the official normal init.
     """
 
     vocab_size: int
@@ -127,10 +168,14 @@ class Decoder(nn.Module):
     dropout: float = 0.0
     drop_path: float = 0.0
     dtype: Any = jnp.float32
+    coord_range: tuple[int, int] | None = None
 
     def setup(self):
         self.embed = nn.Embed(
-            self.vocab_size, self.width, embedding_init=embed_init, dtype=self.dtype
+            self.vocab_size,
+            self.width,
+            embedding_init=token_embed_init(self.coord_range),
+            dtype=self.dtype,
         )
         self.pos_embed = self.param("pos_embed", embed_init, (self.max_len, self.width))
         self.output_bias = self.param("output_bias", embed_init, (self.vocab_size,))

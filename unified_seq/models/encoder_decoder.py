@@ -59,7 +59,8 @@ class EncoderDecoder(nn.Module):
     Attributes:
       encoder_config: kwargs of `vit.Encoder` (patch_size, width, depth, mlp_dim,
         num_heads).
-      decoder_config: kwargs of `decoder.Decoder` (width, depth, mlp_dim, num_heads).
+      decoder_config: kwargs of `decoder.Decoder` (width, depth, mlp_dim, num_heads,
+        coord_range).
       vocab_size: V, the shared token space.
       max_len: longest decoder sequence (prompt + answer).
       dropout, drop_path: rates used everywhere.

@@ -4,7 +4,8 @@
     --config.model.variant=vit-b                        # on the command line
     --config.model.dec_depth=4                          # one size, any variant
     --config.model.stem=conv                            # conv stem (vit.ConvStem)
-    model = build_model(config.model, vocab_size, max_len)
+    --config.model.coord_embed_init=sincos              # ordered coordinate rows
+    model = build_model(config.model, vocab_size, max_len, coord_range)
 
 Every size field of the config block defaults to None, meaning "the
 variant's value", so switching the variant on the command line switches all
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_dict
 
+from unified_seq.models.decoder import EMBED_INITS
 from unified_seq.models.encoder_decoder import EncoderDecoder
 
 SIZES: dict[str, dict[str, Any]] = {
@@ -97,10 +99,17 @@ def model_config(variant: str = "tiny", **overrides: Any) -> ml_collections.Conf
       variant: one of `SIZES` (tiny, small, vit-b, vit-l).
       **overrides: size fields (e.g. dec_depth=4), dropout, drop_path, or
         dtype ("float32" | "bfloat16", the compute type; parameters stay float32),
-        stem ("patch", the official patch projection, | "conv", vit.ConvStem).
+        stem ("patch", the official patch projection, | "conv", vit.ConvStem),
+        coord_embed_init ("normal", official, | "sincos": the coordinate rows of
+        the token embedding start from an ordered code, decoder.token_embed_init).
     """
     _check_variant(variant)
-    block = {"variant": variant, "dtype": "float32", "stem": "patch"}
+    block = {
+        "variant": variant,
+        "dtype": "float32",
+        "stem": "patch",
+        "coord_embed_init": "normal",
+    }
     block.update({k: config_dict.placeholder(int) for k in _INT_FIELDS})
     block.update({k: config_dict.placeholder(float) for k in ("dropout", "drop_path")})
     config = ml_collections.ConfigDict(block)
@@ -117,8 +126,13 @@ def resolve(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
     sizes = dict(_check_variant(model_cfg.pop("variant")))
     dtype = model_cfg.pop("dtype", "float32")
     stem = model_cfg.pop("stem", "patch")
+    coord_init = model_cfg.pop("coord_embed_init", "normal")
     if dtype not in DTYPES:
         raise ValueError(f"model.dtype {dtype!r} is unknown; choose one of {sorted(DTYPES)}")
+    if coord_init not in EMBED_INITS:
+        raise ValueError(
+            f"model.coord_embed_init {coord_init!r} is unknown; choose one of {EMBED_INITS}"
+        )
     for key, value in model_cfg.items():
         if key not in sizes:
             raise ValueError(f"config.model.{key} is unknown; fields are {sorted(sizes)}")
@@ -126,18 +140,30 @@ def resolve(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
             sizes[key] = value
     sizes["dtype"] = dtype
     sizes["stem"] = stem
+    sizes["coord_embed_init"] = coord_init
     return sizes
 
 
-def build_model(model_cfg: Mapping[str, Any], vocab_size: int, max_len: int) -> EncoderDecoder:
+def build_model(
+    model_cfg: Mapping[str, Any],
+    vocab_size: int,
+    max_len: int,
+    coord_range: tuple[int, int] | None = None,
+) -> EncoderDecoder:
     """The EncoderDecoder for `config.model`.
 
     Args:
       model_cfg: a `model_config` block (or any mapping with `variant`).
       vocab_size: V, size of the shared token space.
       max_len: longest decoder input (prompt + answer) in tokens.
+      coord_range: (coord_shift, bins) of the token space; needed when
+        model.coord_embed_init is "sincos", ignored otherwise.
     """
     s = resolve(model_cfg)
+    if s["coord_embed_init"] == "normal":
+        coord_range = None
+    elif coord_range is None:
+        raise ValueError("model.coord_embed_init='sincos' needs the coordinate range")
     return EncoderDecoder(
         encoder_config=dict(
             patch_size=s["patch_size"],
@@ -152,6 +178,7 @@ def build_model(model_cfg: Mapping[str, Any], vocab_size: int, max_len: int) -> 
             depth=s["dec_depth"],
             mlp_dim=s["dec_mlp_dim"],
             num_heads=s["dec_heads"],
+            coord_range=None if coord_range is None else tuple(map(int, coord_range)),
         ),
         vocab_size=vocab_size,
         max_len=max_len,
