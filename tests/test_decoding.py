@@ -183,3 +183,44 @@ def test_compiles_once_for_two_calls(setup):
     b = sample(variables, encoded, _prompts(3, 2) + 1, jax.random.key(1))
     jax.block_until_ready((a, b))
     assert len(traces) == 1
+
+
+def test_token_mask_confines_each_position_and_never_ends(setup):
+    model, variables, encoded = setup
+    # Even positions may hold tokens 100-109, odd ones 200-204; EOS is nowhere
+    # allowed, so even an EOS-loving model runs the full length.
+    mask = np.zeros((2, VOCAB), bool)
+    mask[0, 100:110] = True
+    mask[1, 200:205] = True
+    eos_first = _with_eos_bias(variables, 100.0)
+    steps = 9
+    out = _sampler(model, max_len=steps, token_mask=mask, logits_range=(0, 5))(
+        eos_first, encoded, _prompts(3, 2), jax.random.key(3)
+    )
+    tokens = np.asarray(out["tokens"])
+    assert int(out["num_steps"]) == steps and not bool(out["done"].any())
+    assert np.all((tokens[:, 0::2] >= 100) & (tokens[:, 0::2] < 110))
+    assert np.all((tokens[:, 1::2] >= 200) & (tokens[:, 1::2] < 205))
+    # Scores still come from the unmasked logits: EOS keeps nearly all the mass.
+    np.testing.assert_allclose(out["range_probs"][..., 0], 1.0, atol=1e-6)
+    assert np.all(out["token_logprob"] < -50.0)
+
+
+def test_token_mask_greedy_is_argmax_over_allowed_tokens(setup):
+    model, variables, encoded = setup
+    prompts, steps = _prompts(3, 2), 6
+    mask = np.zeros((1, VOCAB), bool)
+    mask[0, 150:170] = True
+    out = _sampler(model, max_len=steps, greedy=True, token_mask=mask, return_logits=True)(
+        variables, encoded, prompts, jax.random.key(0)
+    )
+    logits = np.asarray(out["logits"])
+    np.testing.assert_array_equal(out["tokens"], 150 + logits[..., 150:170].argmax(-1))
+
+
+def test_token_mask_of_the_wrong_width_is_refused(setup):
+    model, variables, encoded = setup
+    with pytest.raises(ValueError, match="token_mask must be bool"):
+        _sampler(model, max_len=4, token_mask=np.ones((5, VOCAB + 1), bool))(
+            variables, encoded, _prompts(3, 2), jax.random.key(0)
+        )

@@ -154,8 +154,11 @@ def test_too_many_objects_are_truncated_and_counted(train_data):
     assert batches[0]["input_seq"].shape == (BATCH, 6)
 
 
-def test_eval_instances_prompt_with_their_ground_truth_box(train_data):
+@pytest.mark.parametrize("seg_crop", [False, True])
+def test_eval_instances_prompt_with_their_ground_truth_box(train_data, seg_crop):
     config, space, data = train_data
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.tasks.instance_segmentation.update(crop_to_box=seg_crop, crop_scale=1.5)
     for task, count in (("instance_segmentation", 5), ("keypoint_detection", 2)):
         ds = pipeline.eval_dataset(task, data.examples, config, space, batch_size=16)
         (batch,) = list(ds.as_numpy_iterator())
@@ -165,6 +168,11 @@ def test_eval_instances_prompt_with_their_ground_truth_box(train_data):
             px = frame.boxes_to_pixels(box, batch["frame"][i])
             bin_px = batch["frame"][i][:2].max() / (space.bins - 1)
             np.testing.assert_allclose(px, batch["box"][i], atol=bin_px)
+            if task == "instance_segmentation" and seg_crop:
+                # The box fills 1/1.5 of the crop's long side (less where the
+                # crop meets the image border).
+                side = (box[2:] - box[:2]).max()
+                assert 1 / 1.5 - 2 / space.bins <= side <= 1.0, side
 
 
 def test_eval_detection_frames_map_the_canvas_to_the_image(train_data):
@@ -212,3 +220,28 @@ def test_codecs_decode_pipeline_targets(train_data):
     (cap,) = _batches("captioning", config, space, data, n=1)
     text = captioning.decode(cap["target_seq"][0, 0], data.tokenizer, space)
     assert text.startswith("image ") and "caption" in text
+
+
+@pytest.mark.parametrize("seg_crop", [False, True])
+def test_eval_instances_prompt_with_attached_detections(train_data, seg_crop):
+    config, space, data = train_data
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.tasks.instance_segmentation.update(crop_to_box=seg_crop, crop_scale=1.5)
+    ids = [int(i) for i in data.examples.map(lambda ex: ex["image/id"]).as_numpy_iterator()]
+    # Two made-up detections on the first image (one a person), none elsewhere.
+    boxes = np.array([[4.0, 6.0, 20.0, 30.0], [10.0, 2.0, 40.0, 18.0]], np.float32)
+    detections = {
+        ids[0]: {"boxes": boxes, "classes": np.array([1, 5]), "scores": np.array([0.9, 0.4])}
+    }
+    examples = pipeline.attach_detections(data.examples, detections)
+    for task, expected in (("instance_segmentation", [0, 1]), ("keypoint_detection", [0])):
+        ds = pipeline.eval_dataset(task, examples, config, space, batch_size=16)
+        (batch,) = list(ds.as_numpy_iterator())
+        assert batch["image/id"].tolist() == [ids[0]] * len(expected)
+        np.testing.assert_allclose(batch["score"], [[0.9, 0.4][k] for k in expected])
+        np.testing.assert_array_equal(batch["class"], [[1, 5][k] for k in expected])
+        for i, k in enumerate(expected):
+            box = space.token_coords(batch["prompt"][i, 1:5])
+            px = frame.boxes_to_pixels(box, batch["frame"][i])
+            bin_px = batch["frame"][i][:2].max() / (space.bins - 1)
+            np.testing.assert_allclose(px, boxes[k], atol=bin_px)

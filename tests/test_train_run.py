@@ -99,3 +99,34 @@ def test_a_task_can_have_its_own_batch_size(data_dir):
     config.train.mixing = "data"
     with pytest.raises(ValueError, match="tasks.object_detection.batch_size"):
         train.validate(config)
+
+
+def test_decode_all_objects_fills_every_slot(data_dir):
+    from unified_seq import vocab
+    from unified_seq.data import inputs
+    from unified_seq.tasks import detection
+
+    config = _config(data_dir, tasks=("object_detection",))
+    det = config.tasks.object_detection
+    det.update(decode_all_objects=True, drop_fake=False)
+    space = vocab.TokenSpace.from_config(config.vocab)
+    model = train.build_model(config, space)
+    images = np.zeros([2, 64, 64, 3], np.float32)
+    params = model.init(jax.random.key(0), images, np.zeros([2, 4], np.int32))["params"]
+    predictor = evaluate.Predictor(model, params, config, space, train.sequence_lengths(config))
+    data = inputs.load_split(config, "val", space)
+    batch, n = next(evaluate._batches("object_detection", data, config, space))
+    prompt = np.full([len(batch["image"]), 1], vocab.TASK_PROMPTS["object_detection"])
+    res = predictor.sample(
+        "object_detection", batch["image"], prompt, jax.random.key(1), logits_range=(100, 200)
+    )
+    # Untrained, the model would end or break the object list anywhere; with
+    # the slot mask every image gets max_instances well-formed objects.
+    slots = res["tokens"][:, : 5 * det.max_instances].reshape(len(prompt), -1, 5)
+    assert np.all(space.is_coord(slots[..., :4]))
+    assert np.all(space.is_class(slots[..., 4]) | (slots[..., 4] == vocab.FAKE_CLASS))
+    for i in range(n):
+        pred = detection.decode(
+            res["tokens"][i], res["range_probs"][i], batch["frame"][i], space, det
+        )
+        assert len(pred["boxes"]) == det.max_instances

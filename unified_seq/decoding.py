@@ -10,6 +10,13 @@ decoder's key/value cache, then one token per loop iteration; the loop stops
 as soon as every sequence has emitted EOS, or after `max_len` answer tokens.
 A sequence that has finished emits padding (0) from then on.
 
+`token_mask` restricts what may be sampled at each answer position, with a
+period: a detection answer is object slots of five tokens, so a [5, V] mask
+confines slot positions 0–3 to coordinate tokens and position 4 to classes;
+leaving EOS out of every row decodes the full length, as the official code
+does. Scores (`token_logprob`, `range_probs`) still come from the raw logits,
+so a class's probability keeps the mass the model gave to other tokens.
+
 Several samples per image (`num_samples`, e.g. 8 polygons per instance): the
 caller repeats `encoded` and `prompts` along the batch axis,
 `jnp.repeat(x, num_samples, axis=0)`, so rows b·S … b·S + S - 1 are the
@@ -90,6 +97,7 @@ def sample_sequences(
     eos: int = EOS,
     logits_range: tuple[int, int] | None = None,
     return_logits: bool = False,
+    token_mask: Any = None,
 ) -> dict[str, jax.Array]:
     """Samples answers after fixed prompts with the decoder's key/value cache.
 
@@ -111,6 +119,8 @@ def sample_sequences(
       logits_range: (lo, hi) to also return the softmax over the whole
         vocabulary at each step, sliced to tokens [lo, hi) (not renormalised).
       return_logits: also return the raw logits at each step.
+      token_mask: bool[P, V] or None; answer token i may only be a token
+        with `token_mask[i % P]` set (a row must allow at least one token).
 
     Returns:
       tokens: int32[B, max_len] answers; EOS, then padding (0).
@@ -147,6 +157,12 @@ def sample_sequences(
         state["range_probs"] = jnp.zeros((batch, max_len, hi - lo), jnp.float32)
     if return_logits:
         state["logits"] = jnp.zeros((batch, max_len, model.vocab_size), jnp.float32)
+    if token_mask is not None:
+        token_mask = jnp.asarray(token_mask, bool)
+        if token_mask.ndim != 2 or token_mask.shape[1] != model.vocab_size:
+            raise ValueError(
+                f"token_mask must be bool[P, {model.vocab_size}], got shape {token_mask.shape}"
+            )
 
     def cond(s):
         return (s["step"] < max_len) & ~jnp.all(s["done"])
@@ -157,9 +173,12 @@ def sample_sequences(
             variables, s["last"][:, None], s["cache"], prompt_len - 1 + i, method=model.step
         )
         logits = logits[:, 0]
+        allowed = logits
+        if token_mask is not None:
+            allowed = jnp.where(token_mask[i % token_mask.shape[0]], logits, MASKED_LOGIT)
         sampled = next_token(
             jax.random.fold_in(rng, i),
-            logits,
+            allowed,
             temperature=temperature,
             top_k=top_k,
             top_p=top_p,

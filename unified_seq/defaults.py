@@ -85,6 +85,9 @@ def task_configs() -> ml_collections.ConfigDict:
                 "class_corruption": "rand_n_fake_cls",
                 "top_p": 0.4,
                 "drop_fake": True,
+                # Sample all max_instances object slots (official: full length),
+                # each position confined to its kind of token.
+                "decode_all_objects": False,
             },
             "instance_segmentation": {
                 **common,

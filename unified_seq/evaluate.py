@@ -62,6 +62,9 @@ class Predictor:
         key = (task, logits, logits_range)
         if key not in self._samplers:
             cfg = self.config.tasks[task]
+            token_mask = None
+            if task == "object_detection" and cfg.decode_all_objects:
+                token_mask = detection.slot_token_mask(self.space)
             self._samplers[key] = jax.jit(
                 functools.partial(
                     decoding.sample_sequences,
@@ -72,6 +75,7 @@ class Predictor:
                     top_p=float(cfg.top_p),
                     logits_range=logits_range,
                     return_logits=logits,
+                    token_mask=token_mask,
                 )
             )
         return self._samplers[key]

@@ -15,8 +15,17 @@ the targets keep the true classes.
 
 At inference an object's class is the argmax of the softmax over the whole
 vocabulary restricted to the class range, and its score that probability (not
-renormalised, so fake-class mass counts against it); objects whose sampled
-class token is the fake class are dropped.
+renormalised, so fake-class mass counts against it); with `drop_fake`,
+objects whose sampled class token is the fake class are dropped.
+
+`decode_all_objects` fills every one of the `max_instances` slots, as the
+official decoder (which always runs the full length) does: EOS is never
+sampled, coordinate positions may only hold coordinate tokens and class
+positions only class tokens or the fake class (`slot_token_mask`). The
+model's extra guesses become low-score detections, which raise recall and
+cost little precision under AP's ranking. Without the constraint a small
+model drifts into malformed slots (fake tokens where coordinates belong)
+and the object list ends there.
 """
 
 from __future__ import annotations
@@ -45,6 +54,17 @@ CLASS_CORRUPTIONS = ("rand_n_fake_cls", "none")
 def sequence_length(cfg: ConfigDict) -> int:
     """Input/target length: the prompt and 5 tokens per object (EOS fits after them)."""
     return 1 + TOKENS_PER_OBJECT * int(cfg.max_instances)
+
+
+def slot_token_mask(space: vocab.TokenSpace) -> np.ndarray:
+    """Tokens allowed at each position of an object slot, bool[5, vocab_size].
+
+    Rows 0–3 (ymin xmin ymax xmax) allow the coordinate tokens, row 4 the
+    class range and the fake class; no row allows EOS.
+    """
+    tokens = np.arange(space.vocab_size)
+    classes = space.is_class(tokens) | (tokens == vocab.FAKE_CLASS)
+    return np.stack([space.is_coord(tokens)] * 4 + [classes])
 
 
 def prompt(space: vocab.TokenSpace) -> np.ndarray:
