@@ -14,12 +14,11 @@ import argparse
 import functools
 import json
 import os
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from timing import median_seconds
 
 from unified_seq import decoding
 from unified_seq.models import sizes
@@ -38,16 +37,6 @@ def uncached_greedy(model, variables, encoded, prompts, max_len):
         return toks.at[:, p + i].set(nxt)
 
     return jax.lax.fori_loop(0, max_len, body, tokens)[:, p:]
-
-
-def _median_seconds(fn, repeats=5):
-    jax.block_until_ready(fn())  # compile
-    times = []
-    for _ in range(repeats):
-        tic = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - tic)
-    return statistics.median(times)
 
 
 def main():
@@ -70,8 +59,8 @@ def main():
                                        greedy=True, eos=-1))  # fmt: skip
     uncached = jax.jit(functools.partial(uncached_greedy, model, max_len=args.answer))
     key = jax.random.key(1)
-    t_cached = _median_seconds(lambda: cached(variables, encoded, prompts, key)["tokens"])
-    t_uncached = _median_seconds(lambda: uncached(variables, encoded, prompts))
+    t_cached = median_seconds(lambda: cached(variables, encoded, prompts, key)["tokens"], 5)
+    t_uncached = median_seconds(lambda: uncached(variables, encoded, prompts), 5)
     same = bool(
         jnp.all(
             cached(variables, encoded, prompts, key)["tokens"]

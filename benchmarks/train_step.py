@@ -19,12 +19,11 @@ import ast
 import importlib.util
 import json
 import os
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from timing import median_seconds
 
 from unified_seq import optim, train, vocab
 
@@ -69,16 +68,6 @@ def _random_batches(config, space: vocab.TokenSpace, rng: np.random.Generator) -
     return batches
 
 
-def _median_seconds(fn, repeats: int = 10) -> float:
-    jax.block_until_ready(fn())  # compile
-    times = []
-    for _ in range(repeats):
-        tic = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - tic)
-    return statistics.median(times)
-
-
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", default="configs/multitask_synthetic.py")
@@ -115,7 +104,7 @@ def main():
             )
         )
         subset = {t: batches[t] for t in tasks}
-        return _median_seconds(lambda: step(state, subset)[1]["loss"])
+        return median_seconds(lambda: step(state, subset)[1]["loss"], 10)
 
     result = {
         "device": jax.devices()[0].device_kind,
