@@ -26,6 +26,7 @@ import numpy as np
 from timing import median_seconds
 
 from unified_seq import optim, train, vocab
+from unified_seq.tasks import build_tasks
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
@@ -52,12 +53,10 @@ def _override(config, assignment: str) -> None:
 
 def _random_batches(config, space: vocab.TokenSpace, rng: np.random.Generator) -> dict:
     size = int(config.data.image_size)
-    lengths = train.sequence_lengths(config)
+    tasks = build_tasks(config)
     batches = {}
     for task, batch in train.task_batch_sizes(config).items():
-        shape = [batch, lengths[task]]
-        if task == "captioning":
-            shape.insert(1, int(config.tasks.captioning.captions_per_image))
+        shape = [batch, *tasks[task].sequence_shape]
         tokens = rng.integers(0, space.vocab_size, shape).astype(np.int32)
         batches[task] = {
             "image": rng.random([batch, size, size, 3], np.float32),

@@ -29,6 +29,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.image_size = image_size
     config.data.shuffle_buffer = 10 * 128
     config.tasks = defaults.task_configs()
+    # The official decoder: every object slot, fake-class slots kept and
+    # scored by their best real class.
+    config.tasks.object_detection.decode_all_objects = True
+    config.tasks.object_detection.drop_fake = False
     if image_size >= 1024:
         # Cropping to the prompted object helped at 640 but not at 1024 (paper).
         config.tasks.instance_segmentation.crop_to_box = False

@@ -17,15 +17,13 @@ import ml_collections
 sys.path.insert(0, os.path.dirname(__file__))
 import multitask_synthetic  # noqa: E402
 
-from unified_seq import defaults  # noqa: E402
-
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    if arg not in defaults.TASK_NAMES:
-        raise ValueError(
-            f"configs/single_task.py:TASK needs TASK in {defaults.TASK_NAMES}, got {arg!r}"
-        )
     config = multitask_synthetic.get_config()
+    if arg not in config.tasks:
+        raise ValueError(
+            f"configs/single_task.py:TASK needs TASK in {list(config.tasks)}, got {arg!r}"
+        )
     task = config.tasks[arg]
     task.weight = 1.0
     config.tasks = ml_collections.ConfigDict({arg: task})

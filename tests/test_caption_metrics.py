@@ -16,7 +16,10 @@ def test_exact_match_scores_one():
     preds = {1: "a red circle above a blue square", 2: "Two green triangles in the middle."}
     scores = caption_scores(refs, preds)
     assert scores["BLEU-4"] == pytest.approx(1.0, abs=1e-6)
-    assert scores["CIDEr"] > 0
+    # CIDEr-D: the two images share no word, so every n-gram has idf log 2;
+    # a candidate equal to its only reference has cosine 1 and no length
+    # penalty for n = 1..4, and the score is 10 × their mean.
+    assert scores["CIDEr"] == pytest.approx(10.0, abs=1e-6)
 
 
 def test_bleu4_matches_hand_computation():

@@ -64,3 +64,54 @@ def test_paper_config_matches_design():
         3000,
     )
     assert _load("configs/multitask_coco.py:1024").data.image_size == 1024
+    # Paper fidelity (official code): 10 segmentation instances per image
+    # visit, every person its own keypoint example, the top 10 detections of
+    # an image as prompts, detection decoded over all slots with fake-class
+    # slots kept and scored by their best real class.
+    tasks = config.tasks
+    assert tasks.instance_segmentation.instances_per_image == 10
+    assert tasks.keypoint_detection.instances_per_image == 0
+    assert tasks.instance_segmentation.detections_per_image == 10
+    assert tasks.keypoint_detection.detections_per_image == 10
+    assert config.eval.prompt_boxes == "detections"
+    det = tasks.object_detection
+    assert det.decode_all_objects and not det.drop_fake
+
+
+@pytest.mark.parametrize("task", ["instance_segmentation", "keypoint_detection", "captioning"])
+def test_tfds_source_refuses_tasks_it_cannot_train(task):
+    config = _load("configs/multitask_synthetic.py")
+    config.data.source = "tfds"
+    with pytest.raises(ValueError, match=f"config.tasks.{task} needs"):
+        train.validate(config)
+    config = _load(f"configs/single_task.py:{task}")
+    config.data.source = "tfds"
+    with pytest.raises(ValueError, match=f"config.tasks.{task} needs"):
+        train.validate(config)
+    config = _load("configs/single_task.py:object_detection")
+    config.data.source = "tfds"
+    train.validate(config)  # boxes are what tfds coco/2017 holds
+
+
+def test_detection_prompts_need_a_task_that_gives_boxes():
+    config = _load("configs/single_task.py:instance_segmentation")
+    config.eval.prompt_boxes = "detections"
+    with pytest.raises(ValueError, match="no configured task gives boxes"):
+        train.validate(config)
+    config.eval.prompt_boxes = "boxes"
+    with pytest.raises(ValueError, match="prompt_boxes"):
+        train.validate(config)
+
+
+def test_unknown_task_and_data_mixing_of_several_rows_fail_naming_the_field():
+    config = _load("configs/multitask_synthetic.py")
+    config.tasks.captioning.captions_per_image = 1
+    config.train.mixing = "data"
+    config.tasks.object_detection.batch_size = 0
+    config.tasks.instance_segmentation.update(crop_to_box=False, instances_per_image=3)
+    with pytest.raises(ValueError, match="config.tasks.instance_segmentation gives 3"):
+        train.validate(config)
+    config = _load("configs/multitask_synthetic.py")
+    config.tasks.keypoints = config.tasks.keypoint_detection
+    with pytest.raises(ValueError, match="config.tasks.keypoints: unknown task"):
+        train.validate(config)

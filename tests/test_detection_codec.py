@@ -94,7 +94,7 @@ def test_eval_encoding_layout():
     assert detection.sequence_length(cfg) == 21
     assert all(v.shape == (21,) for k, v in seq.items() if k != "num_truncated")
     assert seq["input_seq"][0] == 10
-    np.testing.assert_array_equal(detection.prompt(SPACE), [10])
+    assert detection.ObjectDetection.prompt_token == 10
     objs = _objects(seq)
     assert set(objs[:2, 4].tolist()) == {105, 107}
     np.testing.assert_array_equal(seq["token_weights"][:10], 1.0)

@@ -1,16 +1,25 @@
 """tf.data pipelines on a small COCO-format fixture with the awkward cases."""
 
 import os
+import pathlib
 
 import ml_collections
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from tests import coco_fixture
 from unified_seq import defaults, frame, vocab
 from unified_seq.data import inputs, pipeline
 from unified_seq.data.errors import DataError
-from unified_seq.tasks import captioning, detection, instance_segmentation, keypoints
+from unified_seq.tasks import (
+    TASKS,
+    build_tasks,
+    captioning,
+    detection,
+    instance_segmentation,
+    keypoints,
+)
 
 SIZE = 64
 BATCH = 4
@@ -47,29 +56,36 @@ def train_data(fixture_dir):
 
 
 def _batches(task, config, space, data, seed=3, n=2, **kw):
+    del space  # The task objects carry the token space.
     ds = pipeline.train_dataset(
-        task, data.examples, config, space, batch_size=BATCH, seed=seed,
-        flip_perm=data.category_map.flip_permutation(17), **kw,
-    )  # fmt: skip
+        build_tasks(config)[task], data.examples, data, config, batch_size=BATCH, seed=seed, **kw
+    )
     it = inputs.numpy_batches(ds, data)
     return [next(it) for _ in range(n)]
 
 
-EXPECTED_LEN = {
-    "object_detection": 5 * 4 + 1,
-    "instance_segmentation": 6 + 2 * 16,
-    "keypoint_detection": 6 + 2 * 17,
+def _eval(task, examples, data, config, **kw):
+    return pipeline.eval_dataset(build_tasks(config)[task], examples, data, config, **kw)
+
+
+# Segmentation without a crop trains 10 instances (rows) per image (official).
+EXPECTED_SHAPE = {
+    "object_detection": (5 * 4 + 1,),
+    "instance_segmentation": (10, 6 + 2 * 16),
+    "keypoint_detection": (6 + 2 * 17,),
+    "captioning": (2, 12),
 }
 
 
-@pytest.mark.parametrize("task", list(defaults.TASK_NAMES))
+@pytest.mark.parametrize("task", list(TASKS))
 def test_train_batches_have_the_right_shapes(train_data, task):
     config, space, data = train_data
     (batch,) = _batches(task, config, space, data, n=1)
     assert batch["image"].shape == (BATCH, SIZE, SIZE, 3)
     assert batch["image"].dtype == np.float32
     assert batch["image"].min() >= 0.0 and batch["image"].max() <= 1.0
-    shape = (BATCH, 2, 12) if task == "captioning" else (BATCH, EXPECTED_LEN[task])
+    shape = (BATCH, *EXPECTED_SHAPE[task])
+    assert build_tasks(config)[task].sequence_shape == shape[1:]
     for key in ("input_seq", "target_seq", "token_weights"):
         assert batch[key].shape == shape, key
     assert np.all(batch["input_seq"][..., 0] == vocab.TASK_PROMPTS[task])
@@ -135,8 +151,8 @@ def test_processes_read_disjoint_slices(train_data):
     config, space, data = train_data
     seen = []
     for index in range(2):
-        ds = pipeline.eval_dataset(
-            "object_detection", data.examples, config, space, batch_size=8,
+        ds = _eval(
+            "object_detection", data.examples, data, config, batch_size=8,
             process_index=index, process_count=2,
         )  # fmt: skip
         seen.append({int(i) for b in ds.as_numpy_iterator() for i in b["image/id"]})
@@ -160,7 +176,7 @@ def test_eval_instances_prompt_with_their_ground_truth_box(train_data, seg_crop)
     config = ml_collections.ConfigDict(config.to_dict())
     config.tasks.instance_segmentation.update(crop_to_box=seg_crop, crop_scale=1.5)
     for task, count in (("instance_segmentation", 5), ("keypoint_detection", 2)):
-        ds = pipeline.eval_dataset(task, data.examples, config, space, batch_size=16)
+        ds = _eval(task, data.examples, data, config, batch_size=16)
         (batch,) = list(ds.as_numpy_iterator())
         assert len(batch["image"]) == count
         for i in range(count):
@@ -177,7 +193,7 @@ def test_eval_instances_prompt_with_their_ground_truth_box(train_data, seg_crop)
 
 def test_eval_detection_frames_map_the_canvas_to_the_image(train_data):
     config, space, data = train_data
-    ds = pipeline.eval_dataset("object_detection", data.examples, config, space, batch_size=8)
+    ds = _eval("object_detection", data.examples, data, config, batch_size=8)
     (batch,) = list(ds.as_numpy_iterator())
     for f, (h, w) in zip(batch["frame"], batch["image/size"], strict=True):
         uh, uw = frame.fit_size(h, w, SIZE)
@@ -194,13 +210,13 @@ def test_undecodable_image_fails_naming_the_file(tmp_path):
     space = vocab.TokenSpace.from_config(config.vocab)
     data = inputs.load_split(config, "train", space)
     with pytest.raises(DataError, match=f"{2:012d}.png"):
-        ds = pipeline.eval_dataset("captioning", data.examples, config, space, batch_size=2)
+        ds = _eval("captioning", data.examples, data, config, batch_size=2)
         list(inputs.numpy_batches(ds, data))
 
     config = _config(root, on_bad_image="skip")
     data = inputs.load_split(config, "train", space)
     assert data.stats["skipped_images"] == 1 and data.num_images == 3
-    ds = pipeline.eval_dataset("captioning", data.examples, config, space, batch_size=8)
+    ds = _eval("captioning", data.examples, data, config, batch_size=8)
     (batch,) = list(inputs.numpy_batches(ds, data))
     assert sorted(batch["image/id"].tolist()) == [1, 3, 4]
 
@@ -215,7 +231,7 @@ def test_codecs_decode_pipeline_targets(train_data):
     )
     assert len(pred["boxes"]) >= 1 and np.all(pred["boxes"] <= SIZE)
     (seg,) = _batches("instance_segmentation", config, space, data, n=1)
-    polys = instance_segmentation.decode_polygons(seg["target_seq"][0, 5:], frame_px, space)
+    polys = instance_segmentation.decode_polygons(seg["target_seq"][0, 0, 5:], frame_px, space)
     assert len(polys) >= 1
     (cap,) = _batches("captioning", config, space, data, n=1)
     text = captioning.decode(cap["target_seq"][0, 0], data.tokenizer, space)
@@ -235,7 +251,7 @@ def test_eval_instances_prompt_with_attached_detections(train_data, seg_crop):
     }
     examples = pipeline.attach_detections(data.examples, detections)
     for task, expected in (("instance_segmentation", [0, 1]), ("keypoint_detection", [0])):
-        ds = pipeline.eval_dataset(task, examples, config, space, batch_size=16)
+        ds = _eval(task, examples, data, config, batch_size=16)
         (batch,) = list(ds.as_numpy_iterator())
         assert batch["image/id"].tolist() == [ids[0]] * len(expected)
         np.testing.assert_allclose(batch["score"], [[0.9, 0.4][k] for k in expected])
@@ -245,3 +261,101 @@ def test_eval_instances_prompt_with_attached_detections(train_data, seg_crop):
             px = frame.boxes_to_pixels(box, batch["frame"][i])
             bin_px = batch["frame"][i][:2].max() / (space.bins - 1)
             np.testing.assert_allclose(px, boxes[k], atol=bin_px)
+
+
+def _segmentation_config(coco_dir, **seg):
+    config = _config(coco_dir)
+    config.tasks.instance_segmentation.update(scale_jitter=(1.0, 1.0), flip=False, **seg)
+    return config
+
+
+def test_segmentation_rows_share_one_image_and_pad_with_zero_weight(train_data):
+    config, space, data = train_data
+    config = _segmentation_config(config.data.coco_dir, instances_per_image=3)
+    (batch,) = _batches("instance_segmentation", config, space, data, n=1)
+    assert batch["input_seq"].shape == (BATCH, 3, 6 + 2 * 16)
+    for weights, inputs_ in zip(batch["token_weights"], batch["input_seq"], strict=True):
+        real = weights.sum(axis=-1) > 0
+        # The fixture's images hold 1 or 2 instances with polygons: those rows
+        # come first, the rest is padding that is never trained.
+        assert real.sum() in (1, 2) and not real[real.sum() :].any()
+        prompts = {tuple(p) for p in inputs_[real, :6]}
+        assert len(prompts) == real.sum()  # distinct instances
+
+
+def test_cropped_segmentation_gives_one_example_per_instance(train_data):
+    config, space, data = train_data
+    config = _segmentation_config(config.data.coco_dir, instances_per_image=0, crop_to_box=True)
+    task = build_tasks(config)["instance_segmentation"]
+    assert task.sequence_shape == (6 + 2 * 16,)
+    ds = pipeline.train_dataset(task, data.examples, data, config, batch_size=5, seed=1)
+    batch = next(inputs.numpy_batches(ds, data))
+    # One visit of each image gives all five non-crowd instances with polygons:
+    # two persons (class 1), two boxes (4) and the RLE blob (90).
+    assert sorted(batch["input_seq"][:, 5].tolist()) == [101, 101, 104, 104, 190]
+    # Each is seen in its own crop: the box fills 1/crop_scale of the crop's
+    # long side (or the crop meets the image border).
+    boxes = space.token_coords(batch["input_seq"][:, 1:5])
+    sides = (boxes[:, 2:] - boxes[:, :2]).max(axis=1)
+    assert np.all(sides >= 1 / 2.0 - 2 / space.bins)
+
+
+@pytest.mark.parametrize("per_image, expected", [(1, 1), (2, 2), (0, 4), (9, 4)])
+def test_instances_of_a_visit_are_a_random_run_of_the_candidates(train_data, per_image, expected):
+    config, _, _ = train_data
+    config = _segmentation_config(
+        config.data.coco_dir, instances_per_image=per_image, crop_to_box=True
+    )
+    task = build_tasks(config)["instance_segmentation"]
+    candidates = tf.constant([False, True, True, False, True, True, False])
+    starts = set()
+    for s in range(20):
+        chosen = task._choose(candidates, tf.constant([s, 7], tf.int64)).numpy()
+        assert len(chosen) == expected and len(set(chosen)) == expected
+        ring = [1, 2, 4, 5]
+        k = ring.index(chosen[0])
+        assert chosen.tolist() == [ring[(k + j) % 4] for j in range(expected)]
+        starts.add(int(chosen[0]))
+    assert len(starts) > 1  # the run starts at a random candidate
+
+
+def test_instances_per_image_zero_needs_a_crop(train_data):
+    config, _, _ = train_data
+    config = _segmentation_config(config.data.coco_dir, instances_per_image=0, crop_to_box=False)
+    with pytest.raises(ValueError, match="instances_per_image=0"):
+        build_tasks(config)
+
+
+def _listing(root):
+    return sorted(
+        os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs
+    )
+
+
+def test_tokenizer_is_written_to_the_cache_and_workdir_never_to_the_data(tmp_path, monkeypatch):
+    monkeypatch.setenv("UNIFIED_SEQ_CACHE", str(tmp_path / "cache"))
+    root = str(tmp_path / "data")
+    for split in ("train", "val"):
+        coco_fixture.write_fixture(root, split)
+    files = _listing(root)
+    config = _config(root)
+    space = vocab.TokenSpace.from_config(config.vocab)
+    workdir = tmp_path / "run"
+    train = inputs.load_split(config, "train", space, workdir=str(workdir))
+    assert _listing(root) == files  # the data folder may be read-only
+    assert train.tokenizer.path.startswith(str(tmp_path / "cache" / "tokenizers"))
+    own = (workdir / "tokenizer.model").read_bytes()
+    assert own == pathlib.Path(train.tokenizer.path).read_bytes()
+    # Evaluation (and a resumed run) read the run's own copy...
+    val = inputs.load_split(config, "val", space, workdir=str(workdir))
+    assert val.tokenizer.path == str(workdir / "tokenizer.model")
+    # ...and another run on the same captions reuses the cached model.
+    other = inputs.load_split(config, "train", space, workdir=str(tmp_path / "other"))
+    assert other.tokenizer.path == train.tokenizer.path
+    text = "image 3 caption 1"
+    assert val.tokenizer.encode(text) == other.tokenizer.encode(text)
+    assert other.tokenizer.decode(other.tokenizer.encode(text)) == text
+    # Other captions get another model.
+    assert inputs.trained_tokenizer_path(["a cat"], 256) != inputs.trained_tokenizer_path(
+        ["a dog"], 256
+    )

@@ -8,6 +8,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from unified_seq import sharding
 
@@ -20,10 +21,20 @@ def test_mesh_fills_the_free_axis():
 
 
 def test_rules_pick_the_first_matching_regex():
-    mesh = sharding.make_mesh([("data", 1), ("fsdp", 1)])
     tree = {"encoder": {"kernel": np.zeros([4, 8])}, "bias": np.zeros([3])}
-    shardings = sharding.tree_shardings(tree, mesh, [("encoder/.*", "fsdp"), (".*", "replicate")])
-    assert shardings["bias"].spec == jax.sharding.PartitionSpec()
+    # With an fsdp axis of 2 the two strategies give different specs, so
+    # the order of the rules decides.
+    axes = {"data": 1, "fsdp": 2}
+    specs = sharding.partition_specs(tree, axes, [("encoder/.*", "fsdp"), (".*", "replicate")])
+    assert specs["encoder"]["kernel"] == P(None, "fsdp")  # the largest divisible dimension
+    assert specs["bias"] == P()  # 3 does not divide by 2; replicated either way
+    specs = sharding.partition_specs(tree, axes, [(".*", "replicate"), ("encoder/.*", "fsdp")])
+    assert specs["encoder"]["kernel"] == P()
+    specs = sharding.partition_specs(tree, axes, [("bias", "replicate")])
+    assert specs["encoder"]["kernel"] == P()  # no rule matches: replicated
+    mesh = sharding.make_mesh([("data", 1), ("fsdp", 1)])
+    shardings = sharding.tree_shardings(tree, mesh, [("encoder/.*", "fsdp")])
+    assert shardings["encoder"]["kernel"].spec == P()  # an fsdp axis of 1 shards nothing
     with pytest.raises(ValueError, match="strategy"):
         sharding.tree_shardings(tree, mesh, [(".*", "shard-everything")])
 

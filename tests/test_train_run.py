@@ -91,7 +91,7 @@ def test_a_task_can_have_its_own_batch_size(data_dir):
     config.tasks.object_detection.batch_size = 8
     assert train.task_batch_sizes(config) == {"object_detection": 8, "captioning": 4}
     space = vocab.TokenSpace.from_config(config.vocab)
-    feed = train._Inputs(config, space, inputs.load_split(config, "train", space))
+    feed = train._Inputs(config, inputs.load_split(config, "train", space))
     batches = feed.next()
     assert batches["object_detection"]["image"].shape == (8, 64, 64, 3)
     assert batches["captioning"]["input_seq"].shape[:2] == (4, 2)
@@ -104,7 +104,7 @@ def test_a_task_can_have_its_own_batch_size(data_dir):
 def test_decode_all_objects_fills_every_slot(data_dir):
     from unified_seq import vocab
     from unified_seq.data import inputs
-    from unified_seq.tasks import detection
+    from unified_seq.tasks import build_tasks, detection
 
     config = _config(data_dir, tasks=("object_detection",))
     det = config.tasks.object_detection
@@ -113,16 +113,16 @@ def test_decode_all_objects_fills_every_slot(data_dir):
     model = train.build_model(config, space)
     images = np.zeros([2, 64, 64, 3], np.float32)
     params = model.init(jax.random.key(0), images, np.zeros([2, 4], np.int32))["params"]
-    predictor = evaluate.Predictor(model, params, config, space, train.sequence_lengths(config))
+    predictor = evaluate.Predictor(model, params)
+    task = build_tasks(config)["object_detection"]
     data = inputs.load_split(config, "val", space)
-    batch, n = next(evaluate._batches("object_detection", data, config, space))
-    prompt = np.full([len(batch["image"]), 1], vocab.TASK_PROMPTS["object_detection"])
-    res = predictor.sample(
-        "object_detection", batch["image"], prompt, jax.random.key(1), logits_range=(100, 200)
-    )
+    batch = next(evaluate.eval_batches(task, data, config))
+    n = len(batch["image"])
+    np.testing.assert_array_equal(batch["prompt"], [[vocab.TASK_PROMPTS["object_detection"]]] * n)
+    res = predictor.sample_batch(task, batch, jax.random.key(1))
     # Untrained, the model would end or break the object list anywhere; with
     # the slot mask every image gets max_instances well-formed objects.
-    slots = res["tokens"][:, : 5 * det.max_instances].reshape(len(prompt), -1, 5)
+    slots = res["tokens"][:, : 5 * det.max_instances].reshape(n, -1, 5)
     assert np.all(space.is_coord(slots[..., :4]))
     assert np.all(space.is_class(slots[..., 4]) | (slots[..., 4] == vocab.FAKE_CLASS))
     for i in range(n):

@@ -12,43 +12,20 @@ import os
 import time
 from typing import Any
 
-import numpy as np
 from absl import logging
 
-from unified_seq import visualize, vocab
+from unified_seq import train, visualize, vocab
 from unified_seq.data import inputs, pipeline
-from unified_seq.tasks import captioning, detection, instance_segmentation, keypoints
+from unified_seq.tasks import build_tasks
+from unified_seq.tasks.task import Labels, Task
 
 
-def _canvas_frame(size: int) -> np.ndarray:
-    """Frame mapping normalised coordinates to canvas pixels."""
-    return np.array([size, size, 0, 0], np.float32)
-
-
-def preview(
-    task: str, batch: dict, config: Any, space: vocab.TokenSpace, tokenizer: Any, count: int = 8
-):
+def preview(task: Task, batch: dict, labels: Labels, count: int = 8):
     """Pictures of the first `count` examples of a training batch, from their target tokens."""
-    cfg = config.tasks[task]
-    frame = _canvas_frame(int(config.data.image_size))
-    pictures = []
-    for i in range(min(count, len(batch["image"]))):
-        image = batch["image"][i]
-        target = batch["target_seq"][i]
-        if task == "object_detection":
-            pred = detection.decode(target, None, frame, space, cfg)
-            names = [str(c) for c in pred["classes"]]
-            pic = visualize.draw(image, pred["boxes"], names, pred["classes"])
-        elif task == "instance_segmentation":
-            polys = instance_segmentation.decode_polygons(target[5:], frame, space)
-            pic = visualize.draw(image, polygons=[polys])
-        elif task == "keypoint_detection":
-            pred = keypoints.decode(target[5:], None, frame, space, cfg)
-            pic = visualize.draw(image, keypoints=pred["keypoints"][None])
-        else:
-            text = captioning.decode(target[0], tokenizer, space)
-            pic = visualize.draw(image, caption=text)
-        pictures.append(pic)
+    pictures = [
+        task.preview({k: v[i] for k, v in batch.items()}, labels)
+        for i in range(min(count, len(batch["image"])))
+    ]
     return visualize.grid(pictures, columns=4)
 
 
@@ -58,25 +35,25 @@ def run(config: Any, workdir: str, num_batches: int = 5) -> dict:
     Returns:
       per task: batch shapes, examples per second, truncation counts.
     """
+    tasks = build_tasks(config)
     space = vocab.TokenSpace.from_config(config.vocab)
     start = time.perf_counter()
-    data = inputs.load_split(config, config.data.train_split, space)
+    data = inputs.load_split(config, config.data.train_split, space, workdir=workdir)
     logging.info(
         "Loaded %d training images in %.1f s: %s",
         data.num_images,
         time.perf_counter() - start,
         data.stats,
     )
-    flip_perm = data.category_map.flip_permutation(int(config.data.num_keypoints))
     out_dir = os.path.join(workdir, "data_preview")
     os.makedirs(out_dir, exist_ok=True)
     summary = {"images": data.num_images, "stats": data.stats, "tasks": {}}
-    batch_size = int(config.train.batch_size)
-    for task in config.tasks:
+    batch_sizes = train.task_batch_sizes(config)
+    for name, task in tasks.items():
+        batch_size = batch_sizes[name]
         ds = pipeline.train_dataset(
-            task, data.examples, config, space, batch_size=batch_size, seed=config.seed,
-            flip_perm=flip_perm,
-        )  # fmt: skip
+            task, data.examples, data, config, batch_size=batch_size, seed=config.seed
+        )
         batches = inputs.numpy_batches(ds, data)
         first = next(batches)
         tic = time.perf_counter()
@@ -87,15 +64,15 @@ def run(config: Any, workdir: str, num_batches: int = 5) -> dict:
             counts = [v for k, v in batch.items() if k.startswith("num_truncated")]
             truncated += sum(int(v.sum()) for v in counts)
         rate = num_batches * batch_size / (time.perf_counter() - tic)
-        path = os.path.join(out_dir, f"{task}.png")
-        preview(task, first, config, space, data.tokenizer).save(path)
+        path = os.path.join(out_dir, f"{name}.png")
+        preview(task, first, data).save(path)
         shapes = {k: list(v.shape) for k, v in first.items()}
-        summary["tasks"][task] = {
+        summary["tasks"][name] = {
             "examples_per_s": round(rate, 1),
             "shapes": shapes,
             "truncated_in_sample": truncated,
         }
-        print(f"{task:24s} {rate:8.1f} examples/s  {shapes}  preview: {path}", flush=True)
+        print(f"{name:24s} {rate:8.1f} examples/s  {shapes}  preview: {path}", flush=True)
     with open(os.path.join(workdir, "data_summary.json"), "w") as f:
         json.dump(summary, f, indent=2, default=str)
     return summary

@@ -9,13 +9,6 @@ from __future__ import annotations
 
 import ml_collections
 
-TASK_NAMES = (
-    "object_detection",
-    "instance_segmentation",
-    "keypoint_detection",
-    "captioning",
-)
-
 # Batch-mixing loss weights found greedily in the paper (DESIGN §4).
 TASK_WEIGHTS = {
     "object_detection": 0.1782,
@@ -88,6 +81,7 @@ def task_configs() -> ml_collections.ConfigDict:
                 # Sample all max_instances object slots (official: full length),
                 # each position confined to its kind of token.
                 "decode_all_objects": False,
+                "min_score": 0.0,  # detections scored lower are not written
             },
             "instance_segmentation": {
                 **common,
@@ -97,6 +91,12 @@ def task_configs() -> ml_collections.ConfigDict:
                 "eos_weight": 1.0,
                 "crop_to_box": False,
                 "crop_scale": 2.0,  # crop side = crop_scale x box side
+                # Instances trained per image visit (official 10); without a
+                # crop they share one image encoding. 0 = all (crop only).
+                "instances_per_image": 10,
+                # Prompts from detections (eval.prompt_boxes=detections): the
+                # top N of an image by score (official 10; 0 = all).
+                "detections_per_image": 10,
                 "num_samples": 8,
                 "mask_threshold": 0.5,
                 "top_p": 0.8,
@@ -110,6 +110,9 @@ def task_configs() -> ml_collections.ConfigDict:
                 "eos_weight": 0.0,
                 "crop_to_box": True,
                 "crop_scale": 2.0,
+                # Every person of an image visit is its own example (official).
+                "instances_per_image": 0,
+                "detections_per_image": 10,
                 # Official: random share of answer input tokens → INVISIBLE.
                 "input_mask_rate": True,
                 "top_p": 0.1,
@@ -171,7 +174,6 @@ def eval_config() -> ml_collections.ConfigDict:
             # Segmentation and keypoint prompts: ground-truth boxes or the
             # model's own detections.
             "prompt_boxes": "gt",
-            "min_detection_score": 0.0,
         }
     )
 

@@ -1,10 +1,12 @@
-"""Evaluation: sample every task's answers, decode them, score them as COCO does.
+"""Evaluation: sample every task's answers, turn them into results, score them.
 
-Per task: detection (prompt [10], class-range scores, fake class dropped),
-instance segmentation (N sampled polygons per instance, mask vote), keypoints
-(a crop around each person) and captioning (BLEU-4, CIDEr). Segmentation and
-keypoint prompts come from ground-truth boxes or, with
-`eval.prompt_boxes=detections`, from the model's own detections.
+For each configured task (tasks/task.py): its evaluation examples go through
+the model in batches (`Predictor`, with the task's sampler options), the
+task turns the sampled tokens into COCO-format results and scores them
+against the split's ground truth. Tasks that give boxes (detection) run
+first; with `eval.prompt_boxes=detections`, tasks that take boxes
+(segmentation, keypoints) are then prompted by those detections instead of
+the ground-truth boxes.
 
 Writes `WORKDIR/<task>_results.json` (COCO result format, original pixels and
 dataset category ids) and `WORKDIR/eval_results.json` (DESIGN §7).
@@ -12,12 +14,11 @@ dataset category ids) and `WORKDIR/eval_results.json` (DESIGN §7).
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import io
 import json
 import os
 import time
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -25,93 +26,84 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 
-from unified_seq import caption_metrics, decoding, vocab
+from unified_seq import coco_metrics, decoding, vocab
 from unified_seq.data import inputs, pipeline
-from unified_seq.tasks import captioning, detection, instance_segmentation, keypoints, prompts
+from unified_seq.tasks import build_tasks
+from unified_seq.tasks.task import Task
 
 PROMPT_BOXES = ("gt", "detections")
-# Prompt length of each task's inference sequence.
-PROMPT_LEN = {
-    "object_detection": 1,
-    "instance_segmentation": prompts.PROMPT_LENGTH,
-    "keypoint_detection": prompts.PROMPT_LENGTH,
-    "captioning": 1,
-}
+
+# (task, batch, rng) → sampled answers of the batch (decoding.sample_sequences outputs).
+SampleFn = Callable[[Task, dict[str, np.ndarray], jax.Array], dict[str, np.ndarray]]
 
 
 class Predictor:
-    """Jitted image encoding and cached sampling, one compile per task setting."""
+    """Jitted image encoding and cached sampling, one compile per task."""
 
-    def __init__(self, model: Any, params: Any, config: Any, space: vocab.TokenSpace, lengths):
+    def __init__(self, model: Any, params: Any):
         self.model = model
         self.variables = {"params": params}
-        self.config = config
-        self.space = space
-        self.lengths = lengths
         self._encode = jax.jit(lambda v, x: model.apply(v, x, method=model.encode))
-        self._samplers: dict[tuple, Any] = {}
+        self._samplers: dict[str, Any] = {}
 
-    def max_answer(self, task: str) -> int:
-        """Answer tokens (EOS included) that fit the task's sequence."""
-        return self.lengths[task] - PROMPT_LEN[task] + 1
-
-    def _sampler(self, task: str, logits: bool, logits_range: tuple | None):
-        key = (task, logits, logits_range)
-        if key not in self._samplers:
-            cfg = self.config.tasks[task]
-            token_mask = None
-            if task == "object_detection" and cfg.decode_all_objects:
-                token_mask = detection.slot_token_mask(self.space)
-            self._samplers[key] = jax.jit(
+    def _sampler(self, task: Task):
+        if task.name not in self._samplers:
+            opts = task.sampler_options()
+            self._samplers[task.name] = jax.jit(
                 functools.partial(
                     decoding.sample_sequences,
                     self.model,
-                    max_len=self.max_answer(task),
-                    temperature=float(cfg.temperature),
-                    top_k=int(cfg.top_k),
-                    top_p=float(cfg.top_p),
-                    logits_range=logits_range,
-                    return_logits=logits,
-                    token_mask=token_mask,
+                    max_len=opts.max_len,
+                    temperature=opts.temperature,
+                    top_k=opts.top_k,
+                    top_p=opts.top_p,
+                    logits_range=opts.logits_range,
+                    return_logits=opts.return_logits,
+                    token_mask=opts.token_mask,
                 )
             )
-        return self._samplers[key]
+        return self._samplers[task.name]
 
     def sample(
-        self,
-        task: str,
-        images: np.ndarray,
-        prompt_tokens: np.ndarray,
-        rng: jax.Array,
-        *,
-        num_samples: int = 1,
-        logits: bool = False,
-        logits_range: tuple | None = None,
+        self, task: Task, images: np.ndarray, prompts: np.ndarray, rng: jax.Array
     ) -> dict[str, np.ndarray]:
-        """Answers for a batch; rows b·S … b·S+S-1 are the samples of example b."""
+        """Answers of a batch; rows b·S … b·S+S-1 are the S samples of example b."""
+        samples = task.sampler_options().num_samples
         encoded = self._encode(self.variables, jnp.asarray(images))
-        prompt_tokens = jnp.asarray(prompt_tokens, jnp.int32)
-        if num_samples > 1:
-            encoded = jnp.repeat(encoded, num_samples, axis=0)
-            prompt_tokens = jnp.repeat(prompt_tokens, num_samples, axis=0)
-        fn = self._sampler(task, logits, logits_range)
-        return jax.device_get(fn(self.variables, encoded, prompt_tokens, rng))
+        prompts = jnp.asarray(prompts, jnp.int32)
+        if samples > 1:
+            encoded = jnp.repeat(encoded, samples, axis=0)
+            prompts = jnp.repeat(prompts, samples, axis=0)
+        return jax.device_get(self._sampler(task)(self.variables, encoded, prompts, rng))
+
+    def sample_batch(self, task: Task, batch: dict[str, np.ndarray], rng: jax.Array) -> dict:
+        """`SampleFn`: the answers for an evaluation batch's images and prompts."""
+        return self.sample(task, batch["image"], batch["prompt"], rng)
 
 
-def _padded(batch: dict[str, np.ndarray], size: int) -> tuple[dict[str, np.ndarray], int]:
+def _padded(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
     """Pads a partial last batch to `size` rows (one compile for every batch)."""
-    n = len(next(iter(batch.values())))
+    n = len(batch["image"])
     if n == size:
-        return batch, n
-    pad = {k: np.concatenate([v, np.repeat(v[-1:], size - n, axis=0)]) for k, v in batch.items()}
-    return pad, n
+        return batch
+    return {k: np.concatenate([v, np.repeat(v[-1:], size - n, axis=0)]) for k, v in batch.items()}
 
 
-def _batches(task: str, data: inputs.SplitData, config: Any, space, detections=None):
-    """Numpy evaluation batches of `task`, padded to the evaluation batch size."""
+def _trimmed(samples: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+    """The first `rows` rows of every per-row sampler output."""
+    return {k: v[:rows] if np.ndim(v) else v for k, v in samples.items()}
+
+
+def eval_batches(
+    task: Task, data: inputs.SplitData, config: Any, detections: dict | None = None
+) -> Iterator[dict[str, np.ndarray]]:
+    """This process's evaluation batches of `task` as numpy (the last one partial).
+
+    Args:
+      detections: image id → boxes, classes, scores (`pipeline.attach_detections`)
+        to prompt a task that takes boxes; None: ground-truth boxes.
+    """
     max_examples = int(config.eval.max_examples)
     examples = data.examples
     if detections is not None:
@@ -120,174 +112,136 @@ def _batches(task: str, data: inputs.SplitData, config: Any, space, detections=N
     ds = pipeline.eval_dataset(
         task,
         examples,
+        data,
         config,
-        space,
         batch_size=int(config.eval.batch_size),
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         max_examples=max_examples,
     )
-    for batch in inputs.numpy_batches(ds, data):
-        yield _padded(batch, int(config.eval.batch_size))
+    yield from inputs.numpy_batches(ds, data)
 
 
-def predict_detections(predictor: Predictor, data, config, space, rng) -> dict[int, dict]:
-    """Detections of every evaluated image: image id → boxes (pixels), classes, scores."""
-    cfg = config.tasks.object_detection
+def task_results(
+    task: Task,
+    data: inputs.SplitData,
+    config: Any,
+    sample: SampleFn,
+    rng: jax.Array,
+    detections: dict | None = None,
+) -> list[dict]:
+    """Every process's results of `task` (each samples its own shard of the split)."""
+    per_example = task.sampler_options().num_samples
+    size = int(config.eval.batch_size)
+    results = []
+    for k, batch in enumerate(eval_batches(task, data, config, detections)):
+        n = len(batch["image"])
+        samples = sample(task, _padded(batch, size), jax.random.fold_in(rng, k))
+        results += task.results(batch, _trimmed(samples, n * per_example), data)
+    return _gather(results)
+
+
+def detections_by_image(results: list[dict], category_map: Any) -> dict[int, dict]:
+    """COCO `bbox` results → image id → boxes (ymin, xmin, ymax, xmax pixels), classes, scores."""
+    rows: dict[int, list[dict]] = {}
+    for r in results:
+        rows.setdefault(int(r["image_id"]), []).append(r)
     out = {}
-    class_range = (vocab.CLASS_SHIFT, space.coord_shift)
-    for k, (batch, n) in enumerate(_batches("object_detection", data, config, space)):
-        prompt = np.full([len(batch["image"]), 1], vocab.TASK_PROMPTS["object_detection"])
-        res = predictor.sample(
-            "object_detection", batch["image"], prompt, jax.random.fold_in(rng, k),
-            logits_range=class_range,
-        )  # fmt: skip
-        for i in range(n):
-            pred = detection.decode(
-                res["tokens"][i], res["range_probs"][i], batch["frame"][i], space, cfg
-            )
-            # The class range is wider than the data set: classes it lacks
-            # have nothing to be scored under, nor to prompt other tasks with.
-            known = np.isin(pred["classes"], data.category_map.class_ids)
-            out[int(batch["image/id"][i])] = {k: v[known] for k, v in pred.items()}
+    for image_id, dets in rows.items():
+        xywh = np.array([d["bbox"] for d in dets], np.float32).reshape(-1, 4)
+        out[image_id] = {
+            "boxes": np.stack(
+                [xywh[:, 1], xywh[:, 0], xywh[:, 1] + xywh[:, 3], xywh[:, 0] + xywh[:, 2]], 1
+            ),
+            "classes": category_map.to_class(np.array([d["category_id"] for d in dets])),
+            "scores": np.array([d["score"] for d in dets], np.float32),
+        }
     return out
 
 
-def _instance_results(task, predictor, data, config, space, rng, detections) -> list[dict]:
-    cfg = config.tasks[task]
-    results = []
-    samples = int(cfg.num_samples) if task == "instance_segmentation" else 1
-    k_points = int(config.data.num_keypoints)
-    for k, (batch, n) in enumerate(_batches(task, data, config, space, detections)):
-        res = predictor.sample(
-            task, batch["image"], batch["prompt"], jax.random.fold_in(rng, k),
-            num_samples=samples, logits=task == "keypoint_detection",
-        )  # fmt: skip
-        for i in range(n):
-            image_id = int(batch["image/id"][i])
-            if task == "instance_segmentation":
-                mask = instance_segmentation.decode(
-                    res["tokens"][i * samples : (i + 1) * samples],
-                    batch["frame"][i],
-                    batch["image/size"][i],
-                    space,
-                    cfg,
-                )
-                results.append(
-                    instance_segmentation.to_coco_results(
-                        mask, batch["score"][i], batch["class"][i], image_id, data.category_map
-                    )
-                )
-            else:
-                pred = keypoints.decode(
-                    res["tokens"][i], res["logits"][i], batch["frame"][i], space, cfg,
-                    box=batch["prompt_box"][i], num_keypoints=k_points,
-                )  # fmt: skip
-                dataset_id = int(data.category_map.to_dataset_id(np.array([batch["class"][i]]))[0])
-                results.append(keypoints.to_coco_results(pred, image_id, dataset_id))
-    return results
+def check_prompt_boxes(config: Any, tasks: Mapping[str, Task]) -> None:
+    """Raises ValueError when `eval.prompt_boxes` cannot be honoured by these tasks."""
+    choice = config.eval.prompt_boxes
+    if choice not in PROMPT_BOXES:
+        raise ValueError(f"config.eval.prompt_boxes={choice!r}; choose one of {PROMPT_BOXES}")
+    takers = [n for n, t in tasks.items() if t.takes_boxes]
+    if choice == "detections" and takers and not any(t.gives_boxes for t in tasks.values()):
+        raise ValueError(
+            f"config.eval.prompt_boxes=detections: {takers} would be prompted by detections, but "
+            "no configured task gives boxes; add object_detection to config.tasks or use "
+            "eval.prompt_boxes=gt"
+        )
 
 
-def _caption_results(predictor, data, config, space, rng) -> list[dict]:
-    predictions = {}
-    for k, (batch, n) in enumerate(_batches("captioning", data, config, space)):
-        prompt = np.full([len(batch["image"]), 1], vocab.TASK_PROMPTS["captioning"])
-        res = predictor.sample("captioning", batch["image"], prompt, jax.random.fold_in(rng, k))
-        for i in range(n):
-            text = captioning.decode(res["tokens"][i], data.tokenizer, space)
-            predictions[int(batch["image/id"][i])] = text
-    return [captioning.to_coco_results(t, i) for i, t in predictions.items()]
+def evaluate_tasks(
+    tasks: Mapping[str, Task],
+    data: inputs.SplitData,
+    config: Any,
+    sample: SampleFn,
+    rng: jax.Array,
+    workdir: str | None = None,
+) -> dict[str, Any]:
+    """Evaluates `tasks` on `data`: results files (with a workdir) and scores.
 
+    Tasks that give boxes go first, so that with `eval.prompt_boxes=detections`
+    their results prompt the tasks that take boxes.
 
-def _coco_ap(gt: COCO, results: list[dict], iou_type: str, image_ids: list[int]) -> dict:
-    """COCOeval summary numbers (AP as pycocotools reports it, 0–1)."""
-    if not results:
-        return {"AP": 0.0, "AP50": 0.0, "AP75": 0.0}
-    with contextlib.redirect_stdout(io.StringIO()):
-        dt = gt.loadRes(results)
-        ev = COCOeval(gt, dt, iou_type)
-        ev.params.imgIds = sorted(image_ids)
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    return {"AP": float(ev.stats[0]), "AP50": float(ev.stats[1]), "AP75": float(ev.stats[2])}
+    Args:
+      tasks: the tasks by name.
+      data: the evaluation split.
+      config: run config (`eval`, `data` blocks).
+      sample: draws the answers of a batch (`Predictor.sample_batch`).
+      rng: base key; task t samples with fold_in(rng, its prompt token).
+      workdir: where process 0 writes `<task>_results.json`; None: nowhere.
 
-
-def _ground_truth(config: Any, kind: str) -> COCO:
-    path = os.path.join(
-        inputs.coco_dir(config), "annotations", f"{kind}_{config.data.eval_split}2017.json"
+    Returns:
+      task name → its scores.
+    """
+    check_prompt_boxes(config, tasks)
+    image_ids = data.examples.map(lambda ex: ex["image/id"])
+    if int(config.eval.max_examples):
+        image_ids = image_ids.take(int(config.eval.max_examples))
+    truth = coco_metrics.GroundTruth(
+        inputs.coco_dir(config),
+        config.data.eval_split,
+        [int(i) for i in image_ids.as_numpy_iterator()],
     )
-    with contextlib.redirect_stdout(io.StringIO()):
-        return COCO(path)
+    use_detections = config.eval.prompt_boxes == "detections"
+    detections = None
+    report = {}
+    for name in sorted(tasks, key=lambda n: not tasks[n].gives_boxes):
+        task = tasks[name]
+        tic = time.perf_counter()
+        prompts = detections if task.takes_boxes and use_detections else None
+        results = task_results(
+            task, data, config, sample, jax.random.fold_in(rng, task.prompt_token), prompts
+        )
+        if task.gives_boxes and detections is None:
+            detections = detections_by_image(results, data.category_map)
+        if workdir is not None and jax.process_index() == 0:
+            with open(os.path.join(workdir, f"{name}_results.json"), "w") as f:
+                json.dump(results, f)
+        report[name] = task.metric(results, truth)
+        logging.info("%s: %s in %.1f s", name, report[name], time.perf_counter() - tic)
+    return report
 
 
 def evaluate(config: Any, workdir: str, params: Any, model: Any, step: int) -> dict:
     """Evaluates every configured task; writes result files and eval_results.json."""
-    if config.eval.prompt_boxes not in PROMPT_BOXES:
-        raise ValueError(
-            f"config.eval.prompt_boxes={config.eval.prompt_boxes!r}; choose one of {PROMPT_BOXES}"
-        )
     if config.data.source == "tfds":
         raise ValueError(
             "evaluation reads COCO JSON ground truth: use data.source=coco_json (tfds coco/2017 "
             "has no masks, keypoints or captions to score against)"
         )
-    from unified_seq import train  # Local: train imports the codecs evaluate shares.
-
+    tasks = build_tasks(config)
     space = vocab.TokenSpace.from_config(config.vocab)
-    data = inputs.load_split(config, config.data.eval_split, space)
-    predictor = Predictor(model, params, config, space, train.sequence_lengths(config))
-    rng = jax.random.key(int(config.seed) + 1)
-    report: dict[str, Any] = {"step": int(step)}
-    tasks = list(config.tasks)
-    detections = None
+    data = inputs.load_split(config, config.data.eval_split, space, workdir=workdir)
+    predictor = Predictor(model, params)
     tic = time.perf_counter()
-    need_det = "object_detection" in tasks or config.eval.prompt_boxes == "detections"
-    if need_det:
-        detections = predict_detections(predictor, data, config, space, jax.random.fold_in(rng, 0))
-        min_score = float(config.eval.min_detection_score)
-        results = _gather(
-            [
-                r
-                for image_id, pred in detections.items()
-                for r in detection.to_coco_results(pred, image_id, data.category_map)
-                if r["score"] >= min_score
-            ]
-        )
-        _write(workdir, "object_detection", results)
-        if "object_detection" in tasks:
-            gt = _ground_truth(config, "instances")
-            ids = _evaluated_image_ids(data, config)
-            report["object_detection"] = _coco_ap(gt, results, "bbox", ids)
-    prompts_from = detections if config.eval.prompt_boxes == "detections" else None
-    for t, (task, kind, iou) in enumerate(
-        [
-            ("instance_segmentation", "instances", "segm"),
-            ("keypoint_detection", "person_keypoints", "keypoints"),
-        ]
-    ):
-        if task not in tasks:
-            continue
-        results = _gather(
-            _instance_results(
-                task, predictor, data, config, space, jax.random.fold_in(rng, t + 1), prompts_from
-            )
-        )
-        _write(workdir, task, results)
-        gt = _ground_truth(config, kind)
-        ids = _evaluated_image_ids(data, config)
-        report[task] = {"AP": _coco_ap(gt, results, iou, ids)["AP"]}
-    if "captioning" in tasks:
-        results = _gather(
-            _caption_results(predictor, data, config, space, jax.random.fold_in(rng, 9))
-        )
-        _write(workdir, "captioning", results)
-        gt = _ground_truth(config, "captions")
-        refs: dict[int, list[str]] = {}
-        for ann in gt.dataset["annotations"]:
-            refs.setdefault(int(ann["image_id"]), []).append(ann["caption"])
-        preds = {r["image_id"]: r["caption"] for r in results}
-        report["captioning"] = caption_metrics.caption_scores(refs, preds)
+    scores = evaluate_tasks(
+        tasks, data, config, predictor.sample_batch, jax.random.key(int(config.seed) + 1), workdir
+    )
+    report: dict[str, Any] = {"step": int(step), **scores}
     report["seconds"] = round(time.perf_counter() - tic, 1)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "eval_results.json"), "w") as f:
@@ -297,13 +251,6 @@ def evaluate(config: Any, workdir: str, params: Any, model: Any, step: int) -> d
             f.write(json.dumps({**report, "wall_time": round(time.time(), 1)}) + "\n")
     logging.info("Evaluation at step %d: %s", step, report)
     return report
-
-
-def _evaluated_image_ids(data: inputs.SplitData, config: Any) -> list[int]:
-    ids = data.examples.map(lambda ex: ex["image/id"])
-    if int(config.eval.max_examples):
-        ids = ids.take(int(config.eval.max_examples))
-    return [int(i) for i in ids.as_numpy_iterator()]
 
 
 def _gather(results: list[dict]) -> list[dict]:
@@ -319,9 +266,3 @@ def _gather(results: list[dict]) -> list[dict]:
     for row, size in zip(blobs, sizes.reshape(-1), strict=True):
         merged += json.loads(bytes(row[: int(size)]).decode())
     return merged
-
-
-def _write(workdir: str, task: str, results: list[dict]) -> None:
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, f"{task}_results.json"), "w") as f:
-            json.dump(results, f)

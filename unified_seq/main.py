@@ -47,6 +47,8 @@ def main(argv: list[str]) -> None:
     # Imported here so `--help` and flag errors do not wait for JAX and TF.
     from unified_seq import data_check, evaluate, train
 
+    # A wrong task setting fails here, before any data is read.
+    train.validate(config)
     mode = _MODE.value
     if mode == "data":
         data_check.run(config, workdir)

@@ -14,7 +14,7 @@ runs under `jax.jit(out_shardings=...)`.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -41,10 +41,10 @@ def make_mesh(axes: Sequence[tuple[str, int]], devices: Sequence[Any] | None = N
     return Mesh(np.asarray(devices).reshape(sizes), names)
 
 
-def _spec(shape: tuple[int, ...], strategy: str, mesh: Mesh) -> PartitionSpec:
-    if strategy == "replicate" or "fsdp" not in mesh.shape or mesh.shape["fsdp"] == 1:
+def _spec(shape: tuple[int, ...], strategy: str, axis_sizes: Mapping[str, int]) -> PartitionSpec:
+    n = axis_sizes.get("fsdp", 1)
+    if strategy == "replicate" or n == 1:
         return PartitionSpec()
-    n = mesh.shape["fsdp"]
     # Largest divisible dimension first: it spreads memory most evenly.
     for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
         if shape[dim] % n == 0 and shape[dim] >= n:
@@ -58,8 +58,14 @@ def _path_name(path: tuple) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
-def tree_shardings(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, str]]) -> Any:
-    """NamedShardings for every array in `tree` (arrays or ShapeDtypeStructs)."""
+def partition_specs(
+    tree: Any, axis_sizes: Mapping[str, int], rules: Sequence[tuple[str, str]]
+) -> Any:
+    """PartitionSpecs of every array in `tree` on a mesh of these axis sizes.
+
+    Each array takes the strategy of the first rule whose regex matches its
+    path (`encoder/block_0/kernel`); arrays no rule matches are replicated.
+    """
     for _, strategy in rules:
         if strategy not in STRATEGIES:
             raise ValueError(f"sharding rule strategy {strategy!r}; choose one of {STRATEGIES}")
@@ -68,10 +74,20 @@ def tree_shardings(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, str]]) -> A
         name = _path_name(path)
         for pattern, strategy in rules:
             if re.fullmatch(pattern, name):
-                return NamedSharding(mesh, _spec(tuple(leaf.shape), strategy, mesh))
-        return NamedSharding(mesh, PartitionSpec())
+                return _spec(tuple(leaf.shape), strategy, axis_sizes)
+        return PartitionSpec()
 
     return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def tree_shardings(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, str]]) -> Any:
+    """NamedShardings for every array in `tree` (arrays or ShapeDtypeStructs)."""
+    specs = partition_specs(tree, dict(mesh.shape), rules)
+    return jax.tree_util.tree_map(
+        lambda spec: NamedSharding(mesh, spec),
+        specs,
+        is_leaf=lambda x: isinstance(x, PartitionSpec),
+    )
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

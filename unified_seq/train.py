@@ -26,10 +26,10 @@ import optax
 from absl import logging
 from clu import metric_writers
 
-from unified_seq import checkpoint, optim, sharding, vocab
+from unified_seq import checkpoint, evaluate, optim, sharding, vocab
 from unified_seq.data import inputs, pipeline
 from unified_seq.models import sizes
-from unified_seq.tasks import captioning, detection, instance_segmentation, keypoints
+from unified_seq.tasks import build_tasks
 
 MIXINGS = ("batch", "data")
 
@@ -43,14 +43,7 @@ class TrainState:
 
 def sequence_lengths(config: Any) -> dict[str, int]:
     """Decoder input length of every configured task."""
-    k = int(config.data.num_keypoints)
-    lengths = {
-        "object_detection": lambda c: detection.sequence_length(c),
-        "instance_segmentation": lambda c: instance_segmentation.sequence_length(c),
-        "keypoint_detection": lambda c: keypoints.sequence_length(c, k),
-        "captioning": lambda c: captioning.sequence_length(c),
-    }
-    return {task: lengths[task](config.tasks[task]) for task in config.tasks}
+    return {name: task.sequence_length for name, task in build_tasks(config).items()}
 
 
 def build_model(config: Any, space: vocab.TokenSpace):
@@ -186,7 +179,7 @@ def mix_examples(batches: Mapping[str, Mapping[str, np.ndarray]], length: int) -
         out["image"].append(b["image"])
         for key in ("input_seq", "target_seq", "token_weights"):
             x = b[key]
-            if x.ndim == 3:  # captioning: one caption per image in data mixing
+            if x.ndim == 3:  # [B, 1, L] rows (validate allows one): one sequence per image
                 x = x[:, 0]
             out[key].append(np.pad(x, [(0, 0), (0, length - x.shape[-1])]))
     return {k: np.concatenate(v, axis=0) for k, v in out.items()}
@@ -196,11 +189,20 @@ def validate(config: Any) -> None:
     """Fails early, naming the field, on settings the run cannot honour."""
     if config.train.mixing not in MIXINGS:
         raise ValueError(f"config.train.mixing={config.train.mixing!r}; choose one of {MIXINGS}")
-    for task in config.tasks:
-        if task not in vocab.TASK_PROMPTS:
-            raise ValueError(
-                f"config.tasks.{task}: unknown task; tasks are {list(vocab.TASK_PROMPTS)}"
-            )
+    tasks = build_tasks(config)
+    source = config.data.source
+    if source not in inputs.SOURCES:
+        raise ValueError(f"config.data.source={source!r}; choose one of {inputs.SOURCES}")
+    held = inputs.SOURCE_ANNOTATIONS[source]
+    lacking = {name: [a for a in task.annotations if a not in held] for name, task in tasks.items()}
+    lacking = {name: kinds for name, kinds in lacking.items() if kinds}
+    if lacking:
+        needs = "; ".join(f"config.tasks.{n} needs {k}" for n, k in lacking.items())
+        raise ValueError(
+            f"data.source={source} holds only {list(held)}: {needs}. Use data.source=coco_json, "
+            "or remove those tasks from config.tasks"
+        )
+    evaluate.check_prompt_boxes(config, tasks)
     n = jax.process_count()
     if int(config.train.batch_size) % n:
         raise ValueError(
@@ -215,9 +217,14 @@ def validate(config: Any) -> None:
     for task, size in task_batch_sizes(config).items():
         if size % n:
             raise ValueError(f"config.tasks.{task}.batch_size={size} must divide by {n} processes")
-    captions = config.tasks.get("captioning")
-    if config.train.mixing == "data" and captions and int(captions.captions_per_image) != 1:
-        raise ValueError("train.mixing=data needs config.tasks.captioning.captions_per_image=1")
+    if config.train.mixing == "data":
+        for name, task in tasks.items():
+            if len(task.sequence_shape) > 1 and task.sequence_shape[0] != 1:
+                raise ValueError(
+                    f"train.mixing=data trains one sequence per image, but config.tasks.{name} "
+                    f"gives {task.sequence_shape[0]} (set its captions_per_image or "
+                    "instances_per_image to 1)"
+                )
 
 
 def create_state(
@@ -250,30 +257,29 @@ def _format_eta(seconds: float) -> str:
 class _Inputs:
     """Per-task tf.data iterators of this process, yielding numpy batches."""
 
-    def __init__(self, config: Any, space: vocab.TokenSpace, data: inputs.SplitData):
+    def __init__(self, config: Any, data: inputs.SplitData):
         self.data = data
         self.mixing = config.train.mixing
-        flip_perm = data.category_map.flip_permutation(int(config.data.num_keypoints))
         n, i = jax.process_count(), jax.process_index()
         if self.mixing == "data":
             batch = {t: s // n for t, s in data_mixing_shares(config).items()}
         else:
             batch = {t: s // n for t, s in task_batch_sizes(config).items()}
-        self.length = max(sequence_lengths(config).values())
+        tasks = build_tasks(config)
+        self.length = max(task.sequence_length for task in tasks.values())
         self.iterators = {}
-        for k, task in enumerate(config.tasks):
+        for k, (name, task) in enumerate(tasks.items()):
             ds = pipeline.train_dataset(
                 task,
                 data.examples,
+                data,
                 config,
-                space,
-                batch_size=max(batch[task], 1),
+                batch_size=max(batch[name], 1),
                 seed=int(config.seed) * 100 + k,
                 process_index=i,
                 process_count=n,
-                flip_perm=flip_perm,
             )
-            self.iterators[task] = iter(ds)
+            self.iterators[name] = iter(ds)
         self.truncated: dict[str, int] = {}
 
     def next(self) -> dict[str, dict[str, np.ndarray]]:
@@ -307,9 +313,9 @@ def train(
 
     # --- Mesh and input.
     mesh = sharding.make_mesh([tuple(a) for a in config.mesh])
-    data = inputs.load_split(config, config.data.train_split, space)
+    data = inputs.load_split(config, config.data.train_split, space, workdir=workdir)
     data.category_map.save(os.path.join(workdir, "categories.json"))
-    feed = _Inputs(config, space, data)
+    feed = _Inputs(config, data)
     logging.info("Training on %d images; tasks %s", data.num_images, list(config.tasks))
 
     # --- Model, optimizer and state, created sharded.

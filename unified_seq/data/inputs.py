@@ -10,6 +10,7 @@ the file.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -18,13 +19,20 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from unified_seq import vocab
+from unified_seq import cache, vocab
 from unified_seq.data import coco, synthetic, tfds_source
 from unified_seq.data.categories import CategoryMap
 from unified_seq.data.errors import DataError
 from unified_seq.tasks.tokenizer import CaptionTokenizer
 
 SOURCES = ("synthetic", "coco_json", "tfds")
+# The annotation kinds (tasks.task.ANNOTATIONS) each source holds.
+SOURCE_ANNOTATIONS = {
+    "synthetic": ("boxes", "polygons", "keypoints", "captions"),
+    "coco_json": ("boxes", "polygons", "keypoints", "captions"),
+    "tfds": ("boxes",),
+}
+WORKDIR_TOKENIZER = "tokenizer.model"
 BAD_IMAGE_POLICIES = ("fail", "skip")
 
 
@@ -81,22 +89,46 @@ def find_undecodable(files: Sequence[str]) -> list[str]:
     return [f for f in files if f not in good]
 
 
-def load_tokenizer(
-    config: Any, space: vocab.TokenSpace, captions_fn: Callable[[], list[str]] | None = None
-) -> CaptionTokenizer:
-    """The caption tokenizer: `data.tokenizer_path`, or one trained and saved next to the data.
+def trained_tokenizer_path(captions: Sequence[str], vocab_size: int) -> str:
+    """Cache path of the tokenizer trained on exactly these captions (content-addressed)."""
+    digest = hashlib.sha256()
+    digest.update(f"{vocab_size}\n".encode())
+    for caption in captions:
+        digest.update(caption.encode("utf-8") + b"\n")
+    return cache.cache_dir("tokenizers", f"spm{vocab_size}-{digest.hexdigest()[:16]}.model")
 
-    `captions_fn` gives the training captions when a tokenizer must be trained;
-    by default they are read from the training split.
+
+def load_tokenizer(
+    config: Any,
+    space: vocab.TokenSpace,
+    captions_fn: Callable[[], list[str]] | None = None,
+    workdir: str | None = None,
+) -> CaptionTokenizer:
+    """The caption tokenizer of a run.
+
+    In order: `data.tokenizer_path`; the run's own copy `WORKDIR/tokenizer.model`
+    (a resumed or evaluated run reads what it trained with); else one trained
+    on the training captions, kept in the cache under a name derived from
+    those captions (so it is reused only for the same captions) and copied to
+    the workdir. Nothing is written next to the data, which may be read-only.
+
+    Args:
+      config: run config (`data` block).
+      space: token space; the tokenizer must fit its text range.
+      captions_fn: the training captions, when a tokenizer must be trained;
+        by default they are read from the training split.
+      workdir: the run's folder, or None.
     """
     path = config.data.tokenizer_path
+    own = os.path.join(workdir, WORKDIR_TOKENIZER) if workdir else ""
     if path:
         if not tf.io.gfile.exists(path):
             raise DataError(path, "tokenizer model not found", "fix data.tokenizer_path")
         tokenizer = CaptionTokenizer.load(path)
+    elif own and tf.io.gfile.exists(own):
+        path = own
+        tokenizer = CaptionTokenizer.load(own)
     else:
-        root = coco_dir(config) if config.data.source != "tfds" else config.data.tfds_data_dir
-        path = os.path.join(root, f"unified_seq_spm_{space.text_vocab_size}.model")
 
         def train_captions():
             examples, _, _ = coco.load_coco_json(
@@ -108,9 +140,11 @@ def load_tokenizer(
             )
             return [c for ex in examples for c in ex["captions"]]
 
-        tokenizer = CaptionTokenizer.load_or_train(
-            path, captions_fn or train_captions, space.text_vocab_size
-        )
+        captions = (captions_fn or train_captions)()
+        path = trained_tokenizer_path(captions, space.text_vocab_size)
+        tokenizer = CaptionTokenizer.load_or_train(path, lambda: captions, space.text_vocab_size)
+        if own:
+            tokenizer.save(own)
     if tokenizer.vocab_size > space.text_vocab_size:
         raise ValueError(
             f"tokenizer {path} has {tokenizer.vocab_size} pieces but vocab.text_vocab_size="
@@ -129,7 +163,11 @@ def _caption_ids(captions: list[list[str]], tokenizer: CaptionTokenizer) -> tf.R
 
 
 def load_split(
-    config: Any, split: str, space: vocab.TokenSpace, tokenizer: CaptionTokenizer | None = None
+    config: Any,
+    split: str,
+    space: vocab.TokenSpace,
+    tokenizer: CaptionTokenizer | None = None,
+    workdir: str | None = None,
 ) -> SplitData:
     """Reads one split (`train` or `val`) of the configured source.
 
@@ -139,6 +177,7 @@ def load_split(
       space: token space (class ids must fit, or are remapped).
       tokenizer: caption tokenizer; by default `load_tokenizer` (trained from
         this split's captions when it is the training split and no model exists).
+      workdir: the run's folder, where the tokenizer it uses is kept.
 
     Returns:
       the split's examples and metadata.
@@ -173,7 +212,7 @@ def load_split(
             return [c for ex in examples for c in ex["captions"]]
 
         own = split == config.data.train_split
-        tokenizer = load_tokenizer(config, space, split_captions if own else None)
+        tokenizer = load_tokenizer(config, space, split_captions if own else None, workdir)
     ds = coco.examples_to_dataset(examples, num_keypoints)
     ids = _caption_ids([ex["captions"] for ex in examples], tokenizer)
     ds = tf.data.Dataset.zip(ds, tf.data.Dataset.from_tensor_slices(ids))

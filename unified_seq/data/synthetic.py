@@ -41,6 +41,8 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from unified_seq import cache
+
 # Bump when the generated content changes, so cached sets are rebuilt.
 GENERATOR_VERSION = 1
 MARKER = "synthetic.json"
@@ -628,11 +630,6 @@ def generate(
     return out_dir
 
 
-def _cache_root() -> str:
-    root = os.environ.get("UNIFIED_SEQ_CACHE") or os.path.join("~", ".cache", "unified_seq")
-    return os.path.expanduser(root)
-
-
 def ensure_synthetic(cfg: ml_collections.ConfigDict | Mapping[str, Any]) -> str:
     """Returns the coco_dir of the synthetic set described by `cfg`, generating it if needed.
 
@@ -647,7 +644,7 @@ def ensure_synthetic(cfg: ml_collections.ConfigDict | Mapping[str, Any]) -> str:
     target = os.path.expanduser(str(cfg["dir"] or ""))
     if not target:
         name = "synthetic-g{generator_version}-s{seed}-n{num_train}-v{num_val}-px{image_size}"
-        target = os.path.join(_cache_root(), name.format(**params))
+        target = cache.cache_dir(name.format(**params))
     target = os.path.abspath(target)
     if _is_complete(target, params):
         return target

@@ -16,8 +16,10 @@ import numpy as np
 import tensorflow as tf
 from ml_collections import ConfigDict
 
-from unified_seq import vocab
+from unified_seq import caption_metrics, visualize, vocab
+from unified_seq.data import transforms, views
 from unified_seq.tasks.sequence import build_sequences
+from unified_seq.tasks.task import Labels, Task, Truth, one_example
 from unified_seq.tasks.tokenizer import CaptionTokenizer
 
 PROMPT_TOKEN = vocab.TASK_PROMPTS["captioning"]
@@ -26,12 +28,6 @@ PROMPT_TOKEN = vocab.TASK_PROMPTS["captioning"]
 def sequence_length(cfg: ConfigDict) -> int:
     """Input/target length: the prompt, up to `max_len - 1` pieces and EOS."""
     return int(cfg.max_len)
-
-
-def prompt(space: vocab.TokenSpace) -> np.ndarray:
-    """int32[1] inference prompt."""
-    del space  # Same token in every space; taken for symmetry with the other codecs.
-    return np.array([PROMPT_TOKEN], np.int32)
 
 
 def _choose_captions(num_captions: tf.Tensor, count: int, seed: tf.Tensor, training: bool):
@@ -134,3 +130,57 @@ def decode(tokens: np.ndarray, tokenizer: CaptionTokenizer, space: vocab.TokenSp
 def to_coco_results(text: str, image_id: int) -> dict:
     """One COCO caption result."""
     return {"image_id": int(image_id), "caption": text}
+
+
+class Captioning(Task):
+    """Captioning: prompt `[13]`, answer the caption's pieces (module docstring)."""
+
+    prompt_token = PROMPT_TOKEN
+    annotations = ("captions",)
+
+    @property
+    def sequence_length(self) -> int:
+        return sequence_length(self.cfg)
+
+    @property
+    def sequence_shape(self) -> tuple[int, ...]:
+        return (int(self.cfg.captions_per_image), self.sequence_length)
+
+    def has_training_target(self, example: dict) -> tf.Tensor:
+        return tf.size(example["captions/ids"].flat_values) > 0
+
+    def train_examples(
+        self, example: dict, image: tf.Tensor, seed: tf.Tensor, labels: Labels
+    ) -> dict[str, tf.Tensor]:
+        del labels
+        cfg, size = self.cfg, self.run.image_size
+        seeds = tf.random.experimental.stateless_split(seed, 6)
+        f = views.augment({"image": image}, seeds[:3], cfg, size)
+        if cfg.color_jitter > 0:
+            f["image"] = transforms.color_jitter(f["image"], seeds[4], cfg.color_jitter)
+        f = transforms.pad_to_square(f, size, self.run.pad_value)
+        seq = encode(example["captions/ids"], seeds[3], cfg, self.space, training=True)
+        return one_example({"image": f["image"], **seq})
+
+    def eval_examples(self, example: dict, image: tf.Tensor, labels: Labels) -> dict:
+        del labels
+        view = views.eval_image(example, image, self.run.image_size, self.run.pad_value)
+        return one_example({**view, "prompt": tf.constant([PROMPT_TOKEN], tf.int32)})
+
+    def results(self, batch: dict, samples: dict, labels: Labels) -> list[dict]:
+        return [
+            to_coco_results(decode(tokens, labels.tokenizer, self.space), int(image_id))
+            for tokens, image_id in zip(samples["tokens"], batch["image/id"], strict=True)
+        ]
+
+    def metric(self, results: list[dict], truth: Truth) -> dict[str, float]:
+        references: dict[int, list[str]] = {}
+        for ann in truth.coco("captions").dataset["annotations"]:
+            references.setdefault(int(ann["image_id"]), []).append(ann["caption"])
+        # Images without reference captions cannot be scored.
+        predictions = {r["image_id"]: r["caption"] for r in results if r["image_id"] in references}
+        return caption_metrics.caption_scores(references, predictions)
+
+    def preview(self, example: dict, labels: Labels):
+        text = decode(example["target_seq"][0], labels.tokenizer, self.space)
+        return visualize.draw(example["image"], caption=text)

@@ -30,15 +30,18 @@ and the object list ends there.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
 from ml_collections import ConfigDict
 
-from unified_seq import vocab
+from unified_seq import coco_metrics, visualize, vocab
+from unified_seq.data import transforms, views
 from unified_seq.frame import boxes_to_pixels
 from unified_seq.tasks.sequence import build_sequences
+from unified_seq.tasks.task import Labels, SamplerOptions, Task, Truth, one_example
 
 PROMPT_TOKEN = vocab.TASK_PROMPTS["object_detection"]
 TOKENS_PER_OBJECT = 5
@@ -67,10 +70,17 @@ def slot_token_mask(space: vocab.TokenSpace) -> np.ndarray:
     return np.stack([space.is_coord(tokens)] * 4 + [classes])
 
 
-def prompt(space: vocab.TokenSpace) -> np.ndarray:
-    """int32[1] inference prompt."""
-    del space  # Same token in every space; taken for symmetry with the other codecs.
-    return np.array([PROMPT_TOKEN], np.int32)
+def check_config(cfg: ConfigDict) -> None:
+    """Raises ValueError, naming the field, on settings `encode` cannot honour."""
+    if cfg.object_order not in OBJECT_ORDERS:
+        raise ValueError(
+            f"object_detection.object_order={cfg.object_order!r}; use one of {OBJECT_ORDERS}"
+        )
+    if cfg.class_corruption not in CLASS_CORRUPTIONS:
+        raise ValueError(
+            f"object_detection.class_corruption={cfg.class_corruption!r}; "
+            f"use one of {CLASS_CORRUPTIONS}"
+        )
 
 
 def _clip01(boxes: tf.Tensor) -> tf.Tensor:
@@ -181,15 +191,7 @@ def encode(
       (L = sequence_length(cfg)), and `num_truncated` int32[]: objects beyond
       `max_instances` that were left out.
     """
-    if cfg.object_order not in OBJECT_ORDERS:
-        raise ValueError(
-            f"object_detection.object_order={cfg.object_order!r}; use one of {OBJECT_ORDERS}"
-        )
-    if cfg.class_corruption not in CLASS_CORRUPTIONS:
-        raise ValueError(
-            f"object_detection.class_corruption={cfg.class_corruption!r}; "
-            f"use one of {CLASS_CORRUPTIONS}"
-        )
+    check_config(cfg)
     max_instances = int(cfg.max_instances)
     # stateless_split draws seeds of the seed's dtype: one dtype makes int32
     # and int64 seeds of equal value give equal sequences.
@@ -359,3 +361,105 @@ def to_coco_results(pred: dict, image_id: int, category_map: Any) -> list[dict]:
             }
         )
     return results
+
+
+def category_names(class_ids: np.ndarray, category_map: Any) -> list[str]:
+    """Category name of each class id (the id itself for classes the data set lacks)."""
+    names = dict(zip(category_map.class_ids, category_map.names, strict=True))
+    return [names.get(int(c), str(int(c))) for c in class_ids]
+
+
+class ObjectDetection(Task):
+    """Object detection: prompt `[10]`, answer five tokens per object (module docstring)."""
+
+    prompt_token = PROMPT_TOKEN
+    annotations = ("boxes",)
+    gives_boxes = True
+
+    def __init__(self, name: str, cfg: ConfigDict, run: Any):
+        super().__init__(name, cfg, run)
+        check_config(cfg)
+
+    @property
+    def sequence_length(self) -> int:
+        return sequence_length(self.cfg)
+
+    def has_training_target(self, example: dict) -> tf.Tensor:
+        # Official: images without objects are not trained for detection.
+        return tf.reduce_any(views.target_objects(example))
+
+    def train_examples(
+        self, example: dict, image: tf.Tensor, seed: tf.Tensor, labels: Labels
+    ) -> dict[str, tf.Tensor]:
+        del labels
+        size = self.run.image_size
+        seeds = tf.random.experimental.stateless_split(seed, 6)
+        keep = views.target_objects(example)
+        boxes = example["objects/bbox"] / tf.tile(transforms.image_hw(image), [2])
+        f = {
+            "image": image,
+            "boxes": tf.boolean_mask(boxes, keep),
+            "class": tf.boolean_mask(example["objects/class"], keep),
+        }
+        f = views.augment(f, seeds[:3], self.cfg, size)
+        valid = transforms.valid_boxes(f["boxes"])
+        f = transforms.pad_to_square(f, size, self.run.pad_value)
+        seq = encode(
+            tf.boolean_mask(f["boxes"], valid),
+            tf.boolean_mask(f["class"], valid),
+            seeds[3],
+            self.cfg,
+            self.space,
+            training=True,
+            # Noise boxes stay inside the image, not on the padding.
+            extent=f["unpadded_size"] / size,
+        )
+        return one_example({"image": f["image"], **seq})
+
+    def eval_examples(self, example: dict, image: tf.Tensor, labels: Labels) -> dict:
+        del labels
+        view = views.eval_image(example, image, self.run.image_size, self.run.pad_value)
+        return one_example({**view, "prompt": tf.constant([PROMPT_TOKEN], tf.int32)})
+
+    def sampler_options(self) -> SamplerOptions:
+        mask = slot_token_mask(self.space) if self.cfg.decode_all_objects else None
+        return dataclasses.replace(
+            super().sampler_options(),
+            # Scores are class-token probabilities (not renormalised).
+            logits_range=(vocab.CLASS_SHIFT, self.space.coord_shift),
+            token_mask=mask,
+        )
+
+    def detections(self, batch: dict, samples: dict, labels: Labels) -> list[dict]:
+        """Per evaluated image: boxes (original pixels), class ids and scores."""
+        known_classes = np.asarray(labels.category_map.class_ids)
+        out = []
+        for i in range(len(batch["image/id"])):
+            pred = decode(
+                samples["tokens"][i], samples["range_probs"][i], batch["frame"][i], self.space,
+                self.cfg,
+            )  # fmt: skip
+            # The class range is wider than the data set: classes it lacks
+            # have nothing to be scored under.
+            known = np.isin(pred["classes"], known_classes)
+            out.append({k: v[known] for k, v in pred.items()})
+        return out
+
+    def results(self, batch: dict, samples: dict, labels: Labels) -> list[dict]:
+        min_score = float(self.cfg.get("min_score", 0.0))
+        return [
+            r
+            for image_id, pred in zip(
+                batch["image/id"], self.detections(batch, samples, labels), strict=True
+            )
+            for r in to_coco_results(pred, int(image_id), labels.category_map)
+            if r["score"] >= min_score
+        ]
+
+    def metric(self, results: list[dict], truth: Truth) -> dict[str, float]:
+        return coco_metrics.coco_ap(truth.coco("instances"), results, "bbox", truth.image_ids)
+
+    def preview(self, example: dict, labels: Labels):
+        pred = decode(example["target_seq"], None, self.canvas_frame(), self.space, self.cfg)
+        names = category_names(pred["classes"], labels.category_map)
+        return visualize.draw(example["image"], pred["boxes"], names, pred["classes"])

@@ -19,16 +19,19 @@ of them (paper: 8 samples, 0.5).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
 
-from unified_seq import vocab
+from unified_seq import coco_metrics, visualize, vocab
+from unified_seq.data import views
 from unified_seq.frame import to_pixels
 from unified_seq.tasks import masks
-from unified_seq.tasks.prompts import PROMPT_LENGTH, build_prompt
+from unified_seq.tasks.instances import PROMPT_LENGTH, InstanceTask, build_prompt
 from unified_seq.tasks.sequence import build_sequences
+from unified_seq.tasks.task import Labels, SamplerOptions, Truth
 
 MIN_POLYGON_POINTS = 3
 
@@ -258,3 +261,62 @@ def to_coco_results(
         "segmentation": masks.mask_to_rle(mask),
         "score": float(score),
     }
+
+
+class InstanceSegmentation(InstanceTask):
+    """Instance segmentation: prompt an object's box and class, answer its polygons."""
+
+    prompt_token = vocab.TASK_PROMPTS["instance_segmentation"]
+    annotations = ("boxes", "polygons")
+    geometry_key = "points"
+    count_keys = ("num_truncated_points",)
+
+    @property
+    def sequence_length(self) -> int:
+        return sequence_length(self.cfg)
+
+    def candidates(self, example: dict) -> tf.Tensor:
+        return views.target_objects(example) & (example["objects/polygons"].row_lengths() > 0)
+
+    def geometry(self, objects: dict) -> Any:
+        return objects["polygons"]
+
+    def encode_instance(self, box, class_id, geometry, seed) -> dict[str, tf.Tensor]:
+        return encode(box, class_id, geometry, seed, self.cfg, self.space, training=True)
+
+    def sampler_options(self) -> SamplerOptions:
+        return dataclasses.replace(super().sampler_options(), num_samples=int(self.cfg.num_samples))
+
+    def results(self, batch: dict, samples: dict, labels: Labels) -> list[dict]:
+        count = int(self.cfg.num_samples)
+        results = []
+        for i, image_id in enumerate(batch["image/id"]):
+            mask = decode(
+                samples["tokens"][i * count : (i + 1) * count],
+                batch["frame"][i],
+                batch["image/size"][i],
+                self.space,
+                self.cfg,
+            )
+            results.append(
+                to_coco_results(
+                    mask, batch["score"][i], batch["class"][i], int(image_id), labels.category_map
+                )
+            )
+        return results
+
+    def metric(self, results: list[dict], truth: Truth) -> dict[str, float]:
+        ap = coco_metrics.coco_ap(truth.coco("instances"), results, "segm", truth.image_ids)
+        return {"AP": ap["AP"]}
+
+    def preview(self, example: dict, labels: Labels):
+        del labels
+        targets = np.atleast_2d(example["target_seq"])
+        weights = np.atleast_2d(example["token_weights"])
+        frame = self.canvas_frame()
+        polygons = [
+            decode_polygons(row[PROMPT_LENGTH - 1 :], frame, self.space)
+            for row, w in zip(targets, weights, strict=True)
+            if w.sum() > 0
+        ]
+        return visualize.draw(example["image"], polygons=polygons)

@@ -17,15 +17,18 @@ labelled-but-hidden point is still better guessed than left out.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
 
-from unified_seq import vocab
+from unified_seq import coco_metrics, visualize, vocab
+from unified_seq.data import views
 from unified_seq.frame import to_pixels
-from unified_seq.tasks.prompts import PROMPT_LENGTH, build_prompt
+from unified_seq.tasks.instances import PROMPT_LENGTH, InstanceTask, build_prompt
 from unified_seq.tasks.sequence import build_sequences
+from unified_seq.tasks.task import Labels, SamplerOptions, Truth
 
 # Visibility flags written in predictions. COCO's evaluation ignores them;
 # they tell a reader which coordinates the model wrote and which are guesses.
@@ -215,3 +218,64 @@ def to_coco_results(pred: dict, image_id: int, category_id_dataset: int) -> dict
         "keypoints": [float(v) for v in flat.reshape(-1)],
         "score": float(pred["score"]),
     }
+
+
+class KeypointDetection(InstanceTask):
+    """Keypoints: prompt a person's box and class, answer its keypoints (module docstring)."""
+
+    prompt_token = vocab.TASK_PROMPTS["keypoint_detection"]
+    annotations = ("boxes", "keypoints")
+    geometry_key = "keypoints"
+
+    @property
+    def sequence_length(self) -> int:
+        return sequence_length(self.cfg, self.run.num_keypoints)
+
+    def candidates(self, example: dict) -> tf.Tensor:
+        person = example["objects/class"] == self.cfg.person_class
+        labelled = tf.reduce_any(example["objects/keypoints"][..., 2] > 0, axis=-1)
+        return views.target_objects(example) & person & labelled
+
+    def accepts_classes(self, classes: tf.Tensor) -> tf.Tensor:
+        return classes == self.cfg.person_class
+
+    def geometry(self, objects: dict) -> Any:
+        return objects["keypoints"]
+
+    def flip_permutation(self, labels: Labels) -> Any:
+        return labels.category_map.flip_permutation(self.run.num_keypoints)
+
+    def encode_instance(self, box, class_id, geometry, seed) -> dict[str, tf.Tensor]:
+        return encode(box, class_id, geometry, seed, self.cfg, self.space, training=True)
+
+    def sampler_options(self) -> SamplerOptions:
+        # The logits give invisible points their best coordinate and the score.
+        return dataclasses.replace(super().sampler_options(), return_logits=True)
+
+    def results(self, batch: dict, samples: dict, labels: Labels) -> list[dict]:
+        results = []
+        for i, image_id in enumerate(batch["image/id"]):
+            pred = decode(
+                samples["tokens"][i], samples["logits"][i], batch["frame"][i], self.space,
+                self.cfg, box=batch["prompt_box"][i], num_keypoints=self.run.num_keypoints,
+            )  # fmt: skip
+            category = int(labels.category_map.to_dataset_id(np.array([batch["class"][i]]))[0])
+            results.append(to_coco_results(pred, int(image_id), category))
+        return results
+
+    def metric(self, results: list[dict], truth: Truth) -> dict[str, float]:
+        gt = truth.coco("person_keypoints")
+        return {"AP": coco_metrics.coco_ap(gt, results, "keypoints", truth.image_ids)["AP"]}
+
+    def preview(self, example: dict, labels: Labels):
+        del labels
+        targets = np.atleast_2d(example["target_seq"])
+        weights = np.atleast_2d(example["token_weights"])
+        frame = self.canvas_frame()
+        people = [
+            decode(row[PROMPT_LENGTH - 1 :], None, frame, self.space, self.cfg,
+                   num_keypoints=self.run.num_keypoints)["keypoints"]
+            for row, w in zip(targets, weights, strict=True)
+            if w.sum() > 0
+        ]  # fmt: skip
+        return visualize.draw(example["image"], keypoints=np.stack(people) if people else None)

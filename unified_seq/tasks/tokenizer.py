@@ -132,11 +132,14 @@ class CaptionTokenizer:
             minloglevel=2,
             **_SPECIAL_IDS,
         )
-        model = writer.getvalue()
-        _write_bytes(model_path, model)
-        tokenizer = cls(spm.SentencePieceProcessor(model_proto=model), model_path)
-        _write_bytes(_vocab_path(model_path), tokenizer._vocab_listing().encode("utf-8"))
+        tokenizer = cls(spm.SentencePieceProcessor(model_proto=writer.getvalue()), model_path)
+        tokenizer.save(model_path)
         return tokenizer
+
+    def save(self, model_path: str) -> None:
+        """Writes the model to `model_path` (local or gs://...) with its `.vocab` listing."""
+        _write_bytes(model_path, self._sp.serialized_model_proto())
+        _write_bytes(_vocab_path(model_path), self._vocab_listing().encode("utf-8"))
 
     @classmethod
     def load_or_train(
