@@ -173,3 +173,22 @@ def test_detection_prompts_keep_the_top_scored_per_image(data_set):
         # Segmentation: the two best of any class; keypoints: persons only, by score.
         np.testing.assert_allclose(batch["box"], boxes[expected])
         np.testing.assert_allclose(batch["score"], np.array([0.2, 0.9, 0.5])[expected])
+
+
+@pytest.mark.parametrize("weight", [1.0, 0.25, 0.0])
+def test_keypoint_scores_weigh_points_against_the_prompt_box(data_set, weight):
+    config = _config(data_set, "detections")
+    config.tasks.keypoint_detection.points_score_weight = weight
+    space = vocab.TokenSpace.from_config(config.vocab)
+    data = inputs.load_split(config, "val", space)
+    first = int(next(data.examples.as_numpy_iterator())["image/id"])
+    boxes = np.array([[2, 2, 20, 20], [1, 3, 12, 40]], np.float32)
+    detections = {first: {"boxes": boxes, "classes": np.array([1, 1]), "scores": [0.2, 0.6]}}
+    task = build_tasks(config)["keypoint_detection"]
+    (batch,) = list(evaluate.eval_batches(task, data, config, detections))
+    # Answers of coordinate tokens the model was sure of: point score 1.
+    tokens = np.full([2, task.sampler_options().max_len], space.coord_shift + 5, np.int32)
+    logits = np.where(np.arange(space.vocab_size) == space.coord_shift + 5, 30.0, 0.0)
+    samples = {"tokens": tokens, "logits": np.broadcast_to(logits, [*tokens.shape, len(logits)])}
+    scores = [r["score"] for r in task.results(batch, samples, data)]
+    np.testing.assert_allclose(scores, weight + (1 - weight) * np.array([0.6, 0.2]), atol=1e-6)

@@ -115,6 +115,9 @@ def task_configs() -> ml_collections.ConfigDict:
                 "detections_per_image": 10,
                 # Official: random share of answer input tokens → INVISIBLE.
                 "input_mask_rate": True,
+                # A person's score: w x (mean probability of its answer tokens)
+                # + (1 - w) x (its prompt's detection score; 1 for ground truth).
+                "points_score_weight": 1.0,
                 "top_p": 0.1,
             },
             "captioning": {

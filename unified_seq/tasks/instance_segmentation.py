@@ -311,12 +311,6 @@ class InstanceSegmentation(InstanceTask):
 
     def preview(self, example: dict, labels: Labels):
         del labels
-        targets = np.atleast_2d(example["target_seq"])
-        weights = np.atleast_2d(example["token_weights"])
         frame = self.canvas_frame()
-        polygons = [
-            decode_polygons(row[PROMPT_LENGTH - 1 :], frame, self.space)
-            for row, w in zip(targets, weights, strict=True)
-            if w.sum() > 0
-        ]
+        polygons = [decode_polygons(a, frame, self.space) for a in self.target_answers(example)]
         return visualize.draw(example["image"], polygons=polygons)

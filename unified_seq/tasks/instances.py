@@ -217,6 +217,13 @@ class InstanceTask(Task):
             seq[key] = tf.reduce_sum(seq[key])
         return {k: v[None] for k, v in {"image": f["image"], **seq}.items()}
 
+    def target_answers(self, example: dict) -> list[np.ndarray]:
+        """Answer tokens of a training example's trained sequences (rows of weight 0 left out)."""
+        targets = np.atleast_2d(example["target_seq"])
+        weights = np.atleast_2d(example["token_weights"])
+        # Target position j predicts input j + 1: the answer starts at PROMPT_LENGTH - 1.
+        return [t[PROMPT_LENGTH - 1 :] for t, w in zip(targets, weights, strict=True) if w.sum()]
+
     # --- Evaluation.
     def eval_examples(self, example: dict, image: tf.Tensor, labels: Labels) -> dict:
         cfg, size = self.cfg, self.run.image_size

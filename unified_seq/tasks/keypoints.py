@@ -253,12 +253,15 @@ class KeypointDetection(InstanceTask):
         return dataclasses.replace(super().sampler_options(), return_logits=True)
 
     def results(self, batch: dict, samples: dict, labels: Labels) -> list[dict]:
+        # Official compute_weighted_scores: points and box score, weighted.
+        w = float(self.cfg.get("points_score_weight", 1.0))
         results = []
         for i, image_id in enumerate(batch["image/id"]):
             pred = decode(
                 samples["tokens"][i], samples["logits"][i], batch["frame"][i], self.space,
                 self.cfg, box=batch["prompt_box"][i], num_keypoints=self.run.num_keypoints,
             )  # fmt: skip
+            pred["score"] = w * pred["score"] + (1.0 - w) * float(batch["score"][i])
             category = int(labels.category_map.to_dataset_id(np.array([batch["class"][i]]))[0])
             results.append(to_coco_results(pred, int(image_id), category))
         return results
@@ -269,13 +272,9 @@ class KeypointDetection(InstanceTask):
 
     def preview(self, example: dict, labels: Labels):
         del labels
-        targets = np.atleast_2d(example["target_seq"])
-        weights = np.atleast_2d(example["token_weights"])
-        frame = self.canvas_frame()
+        frame, k = self.canvas_frame(), self.run.num_keypoints
         people = [
-            decode(row[PROMPT_LENGTH - 1 :], None, frame, self.space, self.cfg,
-                   num_keypoints=self.run.num_keypoints)["keypoints"]
-            for row, w in zip(targets, weights, strict=True)
-            if w.sum() > 0
-        ]  # fmt: skip
+            decode(a, None, frame, self.space, self.cfg, num_keypoints=k)["keypoints"]
+            for a in self.target_answers(example)
+        ]
         return visualize.draw(example["image"], keypoints=np.stack(people) if people else None)
