@@ -157,7 +157,7 @@ class InstanceTask(Task):
             flip_perm = tf.constant(flip_perm, tf.int32)
         if self.cfg.crop_to_box:
             return self._cropped_examples(image, objects, example, chosen, seed, flip_perm)
-        return self._shared_example(image, objects, example, chosen, seed, flip_perm)
+        return self._shared_example(image, objects, example, chosen, seed, seeds, flip_perm)
 
     def _cropped_examples(self, image, objects, example, chosen, seed, flip_perm) -> dict:
         """One example per chosen object, each seen in a crop around its box."""
@@ -183,11 +183,10 @@ class InstanceTask(Task):
         }
         return tf.map_fn(one, tf.range(tf.shape(chosen)[0]), fn_output_signature=signature)
 
-    def _shared_example(self, image, objects, example, chosen, seed, flip_perm) -> dict:
+    def _shared_example(self, image, objects, example, chosen, seed, seeds, flip_perm) -> dict:
         """One example: the chosen objects as rows over one augmented view."""
         cfg, size = self.cfg, self.run.image_size
         rows = int(cfg.instances_per_image)
-        seeds = tf.random.experimental.stateless_split(seed, 6)
         geometry = tf.gather(self.geometry(objects), chosen)
         ragged = isinstance(geometry, tf.RaggedTensor)
         f = {
