@@ -119,7 +119,7 @@ def test_decode_all_objects_fills_every_slot(data_dir):
     batch = next(evaluate.eval_batches(task, data, config))
     n = len(batch["image"])
     np.testing.assert_array_equal(batch["prompt"], [[vocab.TASK_PROMPTS["object_detection"]]] * n)
-    res = predictor.sample_batch(task, batch, jax.random.key(1))
+    res = predictor.sample(task, batch, jax.random.key(1))
     # Untrained, the model would end or break the object list anywhere; with
     # the slot mask every image gets max_instances well-formed objects.
     slots = res["tokens"][:, : 5 * det.max_instances].reshape(n, -1, 5)

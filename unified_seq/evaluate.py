@@ -65,21 +65,16 @@ class Predictor:
             )
         return self._samplers[task.name]
 
-    def sample(
-        self, task: Task, images: np.ndarray, prompts: np.ndarray, rng: jax.Array
-    ) -> dict[str, np.ndarray]:
-        """Answers of a batch; rows b·S … b·S+S-1 are the S samples of example b."""
+    def sample(self, task: Task, batch: dict[str, np.ndarray], rng: jax.Array) -> dict:
+        """`SampleFn`: answers for a batch's images and prompts; rows b·S … b·S+S-1 are
+        the S samples of example b."""
         samples = task.sampler_options().num_samples
-        encoded = self._encode(self.variables, jnp.asarray(images))
-        prompts = jnp.asarray(prompts, jnp.int32)
+        encoded = self._encode(self.variables, jnp.asarray(batch["image"]))
+        prompts = jnp.asarray(batch["prompt"], jnp.int32)
         if samples > 1:
             encoded = jnp.repeat(encoded, samples, axis=0)
             prompts = jnp.repeat(prompts, samples, axis=0)
         return jax.device_get(self._sampler(task)(self.variables, encoded, prompts, rng))
-
-    def sample_batch(self, task: Task, batch: dict[str, np.ndarray], rng: jax.Array) -> dict:
-        """`SampleFn`: the answers for an evaluation batch's images and prompts."""
-        return self.sample(task, batch["image"], batch["prompt"], rng)
 
 
 def _padded(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
@@ -190,7 +185,7 @@ def evaluate_tasks(
       tasks: the tasks by name.
       data: the evaluation split.
       config: run config (`eval`, `data` blocks).
-      sample: draws the answers of a batch (`Predictor.sample_batch`).
+      sample: draws the answers of a batch (`Predictor.sample`).
       rng: base key; task t samples with fold_in(rng, its prompt token).
       workdir: where process 0 writes `<task>_results.json`; None: nowhere.
 
@@ -239,7 +234,7 @@ def evaluate(config: Any, workdir: str, params: Any, model: Any, step: int) -> d
     predictor = Predictor(model, params)
     tic = time.perf_counter()
     scores = evaluate_tasks(
-        tasks, data, config, predictor.sample_batch, jax.random.key(int(config.seed) + 1), workdir
+        tasks, data, config, predictor.sample, jax.random.key(int(config.seed) + 1), workdir
     )
     report: dict[str, Any] = {"step": int(step), **scores}
     report["seconds"] = round(time.perf_counter() - tic, 1)

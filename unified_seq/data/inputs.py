@@ -23,15 +23,12 @@ from unified_seq import cache, vocab
 from unified_seq.data import coco, synthetic, tfds_source
 from unified_seq.data.categories import CategoryMap
 from unified_seq.data.errors import DataError
+from unified_seq.tasks.task import ANNOTATIONS
 from unified_seq.tasks.tokenizer import CaptionTokenizer
 
 SOURCES = ("synthetic", "coco_json", "tfds")
-# The annotation kinds (tasks.task.ANNOTATIONS) each source holds.
-SOURCE_ANNOTATIONS = {
-    "synthetic": ("boxes", "polygons", "keypoints", "captions"),
-    "coco_json": ("boxes", "polygons", "keypoints", "captions"),
-    "tfds": ("boxes",),
-}
+# The annotation kinds each source holds; tfds coco/2017 has boxes only.
+SOURCE_ANNOTATIONS = {"synthetic": ANNOTATIONS, "coco_json": ANNOTATIONS, "tfds": ("boxes",)}
 WORKDIR_TOKENIZER = "tokenizer.model"
 BAD_IMAGE_POLICIES = ("fail", "skip")
 

@@ -195,7 +195,7 @@ class Task(abc.ABC):
         """How to sample answers: this task's top-p etc. and its answer length."""
         cfg = self.cfg
         return SamplerOptions(
-            max_len=self.answer_length(),
+            max_len=self.sequence_length - self.prompt_length + 1,
             temperature=float(cfg.get("temperature", 1.0)),
             top_k=int(cfg.get("top_k", 0)),
             top_p=float(cfg.get("top_p", 1.0)),
@@ -228,10 +228,6 @@ class Task(abc.ABC):
         """Frame of the canvas itself: normalised coordinates → canvas pixels."""
         size = self.run.image_size
         return np.array([size, size, 0, 0], np.float32)
-
-    def answer_length(self) -> int:
-        """Answer tokens that fit one sequence after the prompt (EOS included)."""
-        return self.sequence_length - self.prompt_length + 1
 
 
 def one_example(features: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
