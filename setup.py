@@ -7,7 +7,7 @@ setuptools.setup(
     version="0.1.0",
     description="Pix2Seq v2 style multi-task vision as token sequences, in JAX/Flax.",
     packages=setuptools.find_packages(include=["unified_seq", "unified_seq.*"]),
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     # Ranges tested together on Python 3.11, CPU: jax 0.10.2, flax 0.12.8,
     # optax 0.2.8, orbax-checkpoint 0.12.8, tensorflow-cpu 2.21.0,
     # tensorflow-datasets 4.9.10, numpy 2.4.6.
@@ -32,5 +32,14 @@ setuptools.setup(
         # The reference BLEU and CIDEr scorers of the COCO caption benchmark.
         "pycocoevalcap>=1.2,<1.3",
     ],
-    extras_require={"test": ["pytest>=8,<10", "ruff>=0.17,<0.18"]},
+    extras_require={
+        "test": [
+            "pytest>=8,<10",
+            "ruff>=0.17,<0.18",
+            # tests/test_launch.py runs launch/colab.ipynb in a python3 kernel.
+            "nbclient>=0.11,<0.12",
+            "nbformat>=5.11,<6",
+            "ipykernel>=7.4,<8",
+        ]
+    },
 )

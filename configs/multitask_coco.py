@@ -38,7 +38,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.tasks.instance_segmentation.crop_to_box = False
     else:
         config.tasks.instance_segmentation.crop_to_box = True
-    config.model = sizes.model_config("vit-b")
+    # bfloat16 compute on accelerators (float32 on CPU), float32 parameters and
+    # optimizer state; every encoder block and decoder layer recomputed in the
+    # backward pass, which keeps only block inputs (docs/memory_plan.md).
+    config.model = sizes.model_config("vit-b", dtype="auto", remat="full")
     config.optim = defaults.optim_config()
     config.train = defaults.train_config()
     config.eval = defaults.eval_config()
@@ -46,5 +49,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.eval.prompt_boxes = "detections"
     config.mesh = defaults.mesh_config()
     # Shard every parameter and optimizer array over the fsdp axis when it is >1.
-    config.sharding_rules = [(".*", "fsdp")]
+    config.sharding_rules = ".*=fsdp"
     return config

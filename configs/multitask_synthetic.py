@@ -98,5 +98,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.checkpoint_every = 500
     config.eval = defaults.eval_config()
     config.mesh = defaults.mesh_config()
-    config.sharding_rules = [(".*", "replicate")]
+    config.sharding_rules = ".*=replicate"
     return config

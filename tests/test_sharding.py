@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
@@ -49,3 +50,37 @@ def test_sharded_step_equals_single_device_step():
     assert result["max_param_diff"] < 1e-5 and result["loss_diff"] < 1e-5, result
     # Parameters really were split over the fsdp axis.
     assert any("fsdp" in s for s in result["specs"]), result
+
+
+def test_mesh_and_rules_are_strings_on_the_command_line():
+    assert sharding.parse_mesh("data:-1,fsdp:8") == [("data", -1), ("fsdp", 8)]
+    assert sharding.parse_mesh([("data", -1), ("fsdp", 1)]) == [("data", -1), ("fsdp", 1)]
+    rules = sharding.parse_rules(".*embed.*=replicate; .*=fsdp")
+    assert rules == [(".*embed.*", "replicate"), (".*", "fsdp")]
+    # The last `=` splits: a lookahead in the regex survives.
+    assert sharding.parse_rules("enc(?=oder).*=fsdp") == [("enc(?=oder).*", "fsdp")]
+    for bad in ["data=-1", "data:x", ""]:
+        with pytest.raises(ValueError, match="config.mesh"):
+            sharding.parse_mesh(bad)
+    with pytest.raises(ValueError, match="strategy 'split'"):
+        sharding.parse_rules(".*=split")
+    with pytest.raises(ValueError, match="regex=strategy"):
+        sharding.parse_rules("fsdp")
+
+
+def test_batches_must_split_over_the_devices(monkeypatch):
+    from unified_seq import defaults, train
+
+    config = ml_collections.ConfigDict(
+        {"tasks": defaults.task_configs(), "train": defaults.train_config()}
+    )
+    config.train.batch_size = 4
+    monkeypatch.setattr(jax, "device_count", lambda: 8)
+    with pytest.raises(ValueError, match=r"train.batch_size=4 .* split over 8 devices.*=8"):
+        train.check_batch_sizes(config)
+    config.train.batch_size = 16
+    config.tasks.captioning.batch_size = 12
+    with pytest.raises(ValueError, match=r"tasks.captioning.batch_size=12 .*=16"):
+        train.check_batch_sizes(config)
+    config.tasks.captioning.batch_size = 24
+    train.check_batch_sizes(config)

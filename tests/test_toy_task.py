@@ -108,7 +108,7 @@ def config(tmp_path, monkeypatch):
     config.eval = defaults.eval_config()
     config.eval.batch_size = 8
     config.mesh = defaults.mesh_config()
-    config.sharding_rules = [(".*", "replicate")]
+    config.sharding_rules = ".*=replicate"
     return config
 
 
@@ -135,7 +135,7 @@ def test_a_task_defined_in_a_test_trains_evaluates_and_previews(config, tmp_path
         model,
         optim.make_optimizer(config.optim, 30),
         config,
-        sharding.make_mesh([tuple(a) for a in config.mesh]),
+        sharding.mesh_from_config(config),
         max(train.sequence_lengths(config).values()),
     )
     state, model = train.train(config, workdir)

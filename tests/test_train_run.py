@@ -44,7 +44,7 @@ def _config(data_dir: str, tasks=("object_detection", "captioning")) -> ml_colle
     config.eval = defaults.eval_config()
     config.eval.batch_size = 8
     config.mesh = defaults.mesh_config()
-    config.sharding_rules = [(".*", "replicate")]
+    config.sharding_rules = ".*=replicate"
     return config
 
 

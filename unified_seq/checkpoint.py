@@ -1,19 +1,27 @@
 """Checkpoints: the train state through orbax, the input position through tf.data.
 
 A run resumes exactly where it stopped: the orbax CheckpointManager keeps the
-parameters, optimizer state and step; next to each step, every process saves
-the state of its tf.data iterators (shuffle buffers and all), so the batches
-after a resume are the ones an unbroken run would have drawn.
+parameters, optimizer state and step (every process writes its own shards);
+next to each step, every process saves the position of its tf.data iterators
+(`input/<step>/process_<i>_of_<n>`), so the batches after a resume are the
+ones an unbroken run would have drawn.
+
+The state restores onto any mesh or device count: orbax reads each array into
+the shardings of the run that restores. The input position belongs to one
+process count; a run with another count restarts the input order (warned).
+Paths may be local or `gs://`; they are never made absolute or local.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 import tensorflow as tf
+from absl import logging
 
 
 class Checkpointer:
@@ -26,7 +34,7 @@ class Checkpointer:
     """
 
     def __init__(self, directory: str, *, every: int, keep: int):
-        self.directory = os.path.abspath(directory)
+        self.directory = directory
         self.every = int(every)
         self.manager = ocp.CheckpointManager(
             os.path.join(self.directory, "state"),
@@ -37,7 +45,8 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def _input_path(self, step: int) -> str:
-        return os.path.join(self.directory, "input", str(step), f"process_{jax.process_index()}")
+        name = f"process_{jax.process_index()}_of_{jax.process_count()}"
+        return os.path.join(self.directory, "input", str(step), name)
 
     def should_save(self, step: int, last_step: int) -> bool:
         return step == last_step or (self.every > 0 and step % self.every == 0)
@@ -51,10 +60,11 @@ class Checkpointer:
 
     def _drop_stale_inputs(self) -> None:
         root = os.path.join(self.directory, "input")
-        if jax.process_index() != 0 or not os.path.isdir(root):
+        if jax.process_index() != 0 or not tf.io.gfile.isdir(root):
             return
         kept = {str(s) for s in self.manager.all_steps()}
-        for name in os.listdir(root):
+        for name in tf.io.gfile.listdir(root):
+            name = name.rstrip("/")  # gs:// listings end folders with a slash
             if name.isdigit() and name not in kept and int(name) < max(map(int, kept or {"0"})):
                 tf.io.gfile.rmtree(os.path.join(root, name))
 
@@ -63,12 +73,31 @@ class Checkpointer:
         return self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
 
     def restore_inputs(self, step: int, iterators: dict[str, Any]) -> bool:
-        """Restores iterator positions saved at `step`; False when none were saved."""
+        """Restores iterator positions saved at `step`.
+
+        Returns False, with a warning, when none were saved for this process
+        count (the input order then restarts from the beginning).
+        """
         path = self._input_path(step)
-        if not tf.io.gfile.exists(path + ".index"):
-            return False
-        tf.train.Checkpoint(**iterators).read(path).assert_consumed()
-        return True
+        if tf.io.gfile.exists(path + ".index"):
+            tf.train.Checkpoint(**iterators).read(path).assert_consumed()
+            return True
+        saved = tf.io.gfile.glob(os.path.join(self.directory, "input", str(step), "*.index"))
+        counts = {m.group(1) for f in saved if (m := re.search(r"_of_(\d+)\.index$", f))}
+        if counts:
+            reason = (
+                f"it was saved by {'/'.join(sorted(counts))} processes and this run has "
+                f"{jax.process_count()}"
+            )
+        else:
+            reason = "none was saved"
+        logging.warning(
+            "Input position at step %d not restored (%s): the input order restarts; the model "
+            "state is restored as saved",
+            step,
+            reason,
+        )
+        return False
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

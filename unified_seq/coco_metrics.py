@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 
+import tensorflow as tf
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
@@ -37,9 +39,22 @@ class GroundTruth:
     def coco(self, kind: str) -> COCO:
         """The `instances`, `person_keypoints` or `captions` file as a pycocotools COCO."""
         if kind not in self._loaded:
-            with contextlib.redirect_stdout(io.StringIO()):
-                self._loaded[kind] = COCO(self.path(kind))
+            self._loaded[kind] = load_coco(self.path(kind))
         return self._loaded[kind]
+
+
+def load_coco(path: str) -> COCO:
+    """A pycocotools COCO of an annotation file at any tf.io.gfile path.
+
+    COCO(path) would open the file itself, which only works for local paths.
+    """
+    with tf.io.gfile.GFile(path, "rb") as f:
+        dataset = json.loads(f.read())
+    coco = COCO()
+    coco.dataset = dataset
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
 
 
 def coco_ap(gt: COCO, results: list[dict], iou_type: str, image_ids: list[int]) -> dict:

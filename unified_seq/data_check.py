@@ -12,6 +12,7 @@ import os
 import time
 from typing import Any
 
+import tensorflow as tf
 from absl import logging
 
 from unified_seq import train, visualize, vocab
@@ -46,7 +47,7 @@ def run(config: Any, workdir: str, num_batches: int = 5) -> dict:
         data.stats,
     )
     out_dir = os.path.join(workdir, "data_preview")
-    os.makedirs(out_dir, exist_ok=True)
+    tf.io.gfile.makedirs(out_dir)
     summary = {"images": data.num_images, "stats": data.stats, "tasks": {}}
     batch_sizes = train.task_batch_sizes(config)
     for name, task in tasks.items():
@@ -65,7 +66,7 @@ def run(config: Any, workdir: str, num_batches: int = 5) -> dict:
             truncated += sum(int(v.sum()) for v in counts)
         rate = num_batches * batch_size / (time.perf_counter() - tic)
         path = os.path.join(out_dir, f"{name}.png")
-        preview(task, first, data).save(path)
+        visualize.save_png(preview(task, first, data), path)
         shapes = {k: list(v.shape) for k, v in first.items()}
         summary["tasks"][name] = {
             "examples_per_s": round(rate, 1),
@@ -73,6 +74,6 @@ def run(config: Any, workdir: str, num_batches: int = 5) -> dict:
             "truncated_in_sample": truncated,
         }
         print(f"{name:24s} {rate:8.1f} examples/s  {shapes}  preview: {path}", flush=True)
-    with open(os.path.join(workdir, "data_summary.json"), "w") as f:
-        json.dump(summary, f, indent=2, default=str)
+    with tf.io.gfile.GFile(os.path.join(workdir, "data_summary.json"), "w") as f:
+        f.write(json.dumps(summary, indent=2, default=str))
     return summary

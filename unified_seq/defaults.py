@@ -41,6 +41,11 @@ def data_config() -> ml_collections.ConfigDict:
             "on_bad_image": "fail",
             "tokenizer_path": "",  # SentencePiece model; trained when empty
             "shuffle_buffer": 1024,
+            # Each process loads only its share of the training annotations
+            # (less memory and start-up on huge sets); its order then depends on
+            # the process count. Off: every process reads all annotations and the
+            # global batches are the same for any number of processes.
+            "shard_annotations": False,
             "num_parallel_calls": -1,  # tf.data.AUTOTUNE
             "prefetch": 2,
             "synthetic": {
@@ -164,6 +169,12 @@ def train_config() -> ml_collections.ConfigDict:
             "eval_every": 0,  # evaluate during training every N steps (0 = only at the end)
             "checkpoint_every": 1000,
             "keep_checkpoints": 3,
+            # Split every task's batch into this many micro-batches and add up
+            # their gradients (one update, less activation memory); it must
+            # divide every task's batch per device.
+            "microbatches": 1,
+            # `--mode plan`: steps to time after compiling (0 = compile only).
+            "plan_steps": 2,
         }
     )
 
@@ -181,6 +192,9 @@ def eval_config() -> ml_collections.ConfigDict:
     )
 
 
-def mesh_config() -> list:
-    """Data parallel over every device; raise `fsdp` to shard parameters."""
-    return [("data", -1), ("fsdp", 1)]
+def mesh_config() -> str:
+    """Data parallel over every device; raise `fsdp` to shard parameters.
+
+    A string, so that `--config.mesh=data:-1,fsdp:8` works on the command line.
+    """
+    return "data:-1,fsdp:1"

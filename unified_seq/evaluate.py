@@ -24,10 +24,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tensorflow as tf
 from absl import logging
 from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 
-from unified_seq import coco_metrics, decoding, vocab
+from unified_seq import coco_metrics, decoding, sharding, vocab
 from unified_seq.data import inputs, pipeline
 from unified_seq.tasks import build_tasks
 from unified_seq.tasks.task import Task
@@ -39,42 +41,95 @@ SampleFn = Callable[[Task, dict[str, np.ndarray], jax.Array], dict[str, np.ndarr
 
 
 class Predictor:
-    """Jitted image encoding and cached sampling, one compile per task."""
+    """Jitted encoding and cached sampling, data-parallel over a device mesh.
 
-    def __init__(self, model: Any, params: Any):
+    One compile per task. Each process passes its own batch; the rows are
+    split over every device of the mesh (parameters keep their own sharding,
+    replicated or split across hosts) and each process gets back the answers
+    of its own rows.
+
+    Args:
+      model: the EncoderDecoder.
+      params: its parameters.
+      mesh: devices to decode on; default: every device, data parallel.
+    """
+
+    def __init__(self, model: Any, params: Any, mesh: Mesh | None = None):
         self.model = model
         self.variables = {"params": params}
-        self._encode = jax.jit(lambda v, x: model.apply(v, x, method=model.encode))
+        self.mesh = mesh if mesh is not None else sharding.make_mesh([("data", -1)])
         self._samplers: dict[str, Any] = {}
+
+    @property
+    def rows_multiple(self) -> int:
+        """A process's batch must be a multiple of this: its devices on the mesh."""
+        return max(1, self.mesh.devices.size // jax.process_count())
 
     def _sampler(self, task: Task):
         if task.name not in self._samplers:
             opts = task.sampler_options()
+            sample = functools.partial(
+                decoding.sample_sequences,
+                self.model,
+                max_len=opts.max_len,
+                temperature=opts.temperature,
+                top_k=opts.top_k,
+                top_p=opts.top_p,
+                logits_range=opts.logits_range,
+                return_logits=opts.return_logits,
+                token_mask=opts.token_mask,
+            )
+
+            def run(variables, images, prompts, rng):
+                encoded = self.model.apply(variables, images, method=self.model.encode)
+                if opts.num_samples > 1:
+                    # Sample s of example b is row b·S + s: it stays on b's device.
+                    encoded = jnp.repeat(encoded, opts.num_samples, axis=0)
+                    prompts = jnp.repeat(prompts, opts.num_samples, axis=0)
+                out = sample(variables, encoded, prompts, rng)
+                out.pop("num_steps")
+                return out
+
             self._samplers[task.name] = jax.jit(
-                functools.partial(
-                    decoding.sample_sequences,
-                    self.model,
-                    max_len=opts.max_len,
-                    temperature=opts.temperature,
-                    top_k=opts.top_k,
-                    top_p=opts.top_p,
-                    logits_range=opts.logits_range,
-                    return_logits=opts.return_logits,
-                    token_mask=opts.token_mask,
-                )
+                run, out_shardings=sharding.batch_sharding(self.mesh)
             )
         return self._samplers[task.name]
 
     def sample(self, task: Task, batch: dict[str, np.ndarray], rng: jax.Array) -> dict:
-        """`SampleFn`: answers for a batch's images and prompts; rows b·S … b·S+S-1 are
-        the S samples of example b."""
-        samples = task.sampler_options().num_samples
-        encoded = self._encode(self.variables, jnp.asarray(batch["image"]))
-        prompts = jnp.asarray(batch["prompt"], jnp.int32)
-        if samples > 1:
-            encoded = jnp.repeat(encoded, samples, axis=0)
-            prompts = jnp.repeat(prompts, samples, axis=0)
-        return jax.device_get(self._sampler(task)(self.variables, encoded, prompts, rng))
+        """`SampleFn`: answers for this process's images and prompts; rows b·S … b·S+S-1
+        are the S samples of example b. Every process calls it together."""
+        n = len(batch["image"])
+        if n % self.rows_multiple:
+            raise ValueError(
+                f"an evaluation batch of {n} rows per process does not split over this "
+                f"process's {self.rows_multiple} devices; see eval.batch_size"
+            )
+        local = {"image": batch["image"], "prompt": np.asarray(batch["prompt"], np.int32)}
+        global_batch = sharding.to_global(local, self.mesh)
+        out = self._sampler(task)(
+            self.variables, global_batch["image"], global_batch["prompt"], rng
+        )
+        local_out = multihost_utils.global_array_to_host_local_array(
+            out, self.mesh, sharding.batch_sharding(self.mesh).spec
+        )
+        return jax.device_get(local_out)
+
+
+def eval_batch_size(config: Any, rows_multiple: int = 1) -> int:
+    """This process's evaluation batch: `eval.batch_size` (global) split over the
+    processes, rounded up to a multiple of its devices."""
+    size = max(1, -(-int(config.eval.batch_size) // jax.process_count()))
+    rounded = -(-size // rows_multiple) * rows_multiple
+    if rounded != size:
+        logging.warning(
+            "eval.batch_size=%s gives %d rows per process; rounded up to %d to split over "
+            "its %d devices",
+            config.eval.batch_size,
+            size,
+            rounded,
+            rows_multiple,
+        )
+    return rounded
 
 
 def _padded(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
@@ -85,19 +140,50 @@ def _padded(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
     return {k: np.concatenate([v, np.repeat(v[-1:], size - n, axis=0)]) for k, v in batch.items()}
 
 
+def _filler(task: Task, config: Any, size: int) -> dict[str, np.ndarray]:
+    """A batch of `size` blank rows, for a process whose shard ran out first."""
+    side = int(config.data.image_size)
+    return {
+        "image": np.zeros([size, side, side, 3], np.float32),
+        "prompt": np.full([size, task.prompt_length], task.prompt_token, np.int32),
+    }
+
+
+def _in_step(batches: Iterator[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray] | None]:
+    """This process's batches, then None until every process has run out.
+
+    Sampling is a collective over all devices, so every process must call it
+    equally often: shards with fewer examples pad with blank batches instead
+    of leaving the others waiting forever.
+    """
+    for batch in batches:
+        if jax.process_count() > 1:
+            multihost_utils.process_allgather(np.ones([], np.int32))
+        yield batch
+    if jax.process_count() == 1:
+        return
+    while multihost_utils.process_allgather(np.zeros([], np.int32)).any():
+        yield None
+
+
 def _trimmed(samples: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
     """The first `rows` rows of every per-row sampler output."""
     return {k: v[:rows] if np.ndim(v) else v for k, v in samples.items()}
 
 
 def eval_batches(
-    task: Task, data: inputs.SplitData, config: Any, detections: dict | None = None
+    task: Task,
+    data: inputs.SplitData,
+    config: Any,
+    detections: dict | None = None,
+    batch_size: int | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """This process's evaluation batches of `task` as numpy (the last one partial).
 
     Args:
       detections: image id → boxes, classes, scores (`pipeline.attach_detections`)
         to prompt a task that takes boxes; None: ground-truth boxes.
+      batch_size: rows per batch; default: this process's share of eval.batch_size.
     """
     max_examples = int(config.eval.max_examples)
     examples = data.examples
@@ -109,7 +195,7 @@ def eval_batches(
         examples,
         data,
         config,
-        batch_size=int(config.eval.batch_size),
+        batch_size=batch_size or eval_batch_size(config),
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         max_examples=max_examples,
@@ -124,14 +210,23 @@ def task_results(
     sample: SampleFn,
     rng: jax.Array,
     detections: dict | None = None,
+    rows_multiple: int = 1,
 ) -> list[dict]:
-    """Every process's results of `task` (each samples its own shard of the split)."""
+    """Every process's results of `task` (each samples its own shard of the split).
+
+    `rows_multiple`: a process's batch must be a multiple of it (its devices).
+    """
     per_example = task.sampler_options().num_samples
-    size = int(config.eval.batch_size)
+    size = eval_batch_size(config, rows_multiple)
     results = []
-    for k, batch in enumerate(eval_batches(task, data, config, detections)):
+    batches = eval_batches(task, data, config, detections, batch_size=size)
+    for k, batch in enumerate(_in_step(batches)):
+        key = jax.random.fold_in(rng, k)
+        if batch is None:
+            sample(task, _filler(task, config, size), key)
+            continue
         n = len(batch["image"])
-        samples = sample(task, _padded(batch, size), jax.random.fold_in(rng, k))
+        samples = sample(task, _padded(batch, size), key)
         results += task.results(batch, _trimmed(samples, n * per_example), data)
     return _gather(results)
 
@@ -175,6 +270,7 @@ def evaluate_tasks(
     sample: SampleFn,
     rng: jax.Array,
     workdir: str | None = None,
+    rows_multiple: int = 1,
 ) -> dict[str, Any]:
     """Evaluates `tasks` on `data`: results files (with a workdir) and scores.
 
@@ -188,6 +284,8 @@ def evaluate_tasks(
       sample: draws the answers of a batch (`Predictor.sample`).
       rng: base key; task t samples with fold_in(rng, its prompt token).
       workdir: where process 0 writes `<task>_results.json`; None: nowhere.
+      rows_multiple: a process's batch must be a multiple of this
+        (`Predictor.rows_multiple`).
 
     Returns:
       task name → its scores.
@@ -208,13 +306,12 @@ def evaluate_tasks(
         task = tasks[name]
         tic = time.perf_counter()
         prompts = detections if task.takes_boxes and use_detections else None
-        results = task_results(
-            task, data, config, sample, jax.random.fold_in(rng, task.prompt_token), prompts
-        )
+        key = jax.random.fold_in(rng, task.prompt_token)
+        results = task_results(task, data, config, sample, key, prompts, rows_multiple)
         if task.gives_boxes and detections is None:
             detections = detections_by_image(results, data.category_map)
         if workdir is not None and jax.process_index() == 0:
-            with open(os.path.join(workdir, f"{name}_results.json"), "w") as f:
+            with tf.io.gfile.GFile(os.path.join(workdir, f"{name}_results.json"), "w") as f:
                 json.dump(results, f)
         report[name] = task.metric(results, truth)
         logging.info("%s: %s in %.1f s", name, report[name], time.perf_counter() - tic)
@@ -231,19 +328,24 @@ def evaluate(config: Any, workdir: str, params: Any, model: Any, step: int) -> d
     tasks = build_tasks(config)
     space = vocab.TokenSpace.from_config(config.vocab)
     data = inputs.load_split(config, config.data.eval_split, space, workdir=workdir)
-    predictor = Predictor(model, params)
+    predictor = Predictor(model, params, sharding.mesh_from_config(config))
     tic = time.perf_counter()
+    rng = jax.random.key(int(config.seed) + 1)
     scores = evaluate_tasks(
-        tasks, data, config, predictor.sample, jax.random.key(int(config.seed) + 1), workdir
+        tasks, data, config, predictor.sample, rng, workdir, predictor.rows_multiple
     )
     report: dict[str, Any] = {"step": int(step), **scores}
     report["seconds"] = round(time.perf_counter() - tic, 1)
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "eval_results.json"), "w") as f:
+        with tf.io.gfile.GFile(os.path.join(workdir, "eval_results.json"), "w") as f:
             json.dump(report, f, indent=2)
         # Every evaluation of the run, one JSON line each: the learning curve.
-        with open(os.path.join(workdir, "eval_history.jsonl"), "a") as f:
-            f.write(json.dumps({**report, "wall_time": round(time.time(), 1)}) + "\n")
+        # Rewritten whole: cloud storage cannot append.
+        history = os.path.join(workdir, "eval_history.jsonl")
+        lines = tf.io.gfile.GFile(history).read() if tf.io.gfile.exists(history) else ""
+        line = json.dumps({**report, "wall_time": round(time.time(), 1)})
+        with tf.io.gfile.GFile(history, "w") as f:
+            f.write(lines + line + "\n")
     logging.info("Evaluation at step %d: %s", step, report)
     return report
 

@@ -1,7 +1,11 @@
-"""Device mesh and partition rules, declared in the config.
+"""Device mesh and partition rules, declared in the config as strings.
 
-    config.mesh = [("data", -1), ("fsdp", 1)]      # -1: all remaining devices
-    config.sharding_rules = [(".*", "fsdp")]        # first matching regex wins
+    config.mesh = "data:-1,fsdp:1"          # -1: all remaining devices
+    config.sharding_rules = ".*=fsdp"       # regex=strategy, `;`-separated; first match wins
+    --config.mesh=data:-1,fsdp:8            # the same from the command line
+
+Lists of pairs (`[("data", -1), ("fsdp", 1)]`, `[(".*", "fsdp")]`) are
+accepted too, for configs written in Python.
 
 A rule's strategy is `replicate` (every device holds the whole array) or
 `fsdp` (the largest dimension divisible by the `fsdp` axis is split over it;
@@ -22,6 +26,53 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 STRATEGIES = ("replicate", "fsdp")
+
+
+def parse_mesh(spec: str | Sequence[tuple[str, int]]) -> list[tuple[str, int]]:
+    """`"data:-1,fsdp:8"` (or a list of pairs) → `[("data", -1), ("fsdp", 8)]`."""
+    if not isinstance(spec, str):
+        return [(str(name), int(size)) for name, size in spec]
+    axes = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, sep, size = part.partition(":")
+        if not sep or not name or not re.fullmatch(r"-?\d+", size.strip()):
+            raise ValueError(f"config.mesh={spec!r}: write axes as name:size, e.g. data:-1,fsdp:8")
+        axes.append((name.strip(), int(size)))
+    if not axes:
+        raise ValueError(f"config.mesh={spec!r} names no axis; e.g. data:-1,fsdp:1")
+    return axes
+
+
+def parse_rules(spec: str | Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """`".*embed.*=replicate;.*=fsdp"` (or a list of pairs) → `[(regex, strategy), ...]`."""
+    if isinstance(spec, str):
+        # The last `=` splits, so a regex may hold one (`(?=...)`).
+        pairs = [p.rpartition("=")[::2] for p in spec.split(";") if p.strip()]
+        if any(not r or not s for r, s in pairs):
+            raise ValueError(
+                f"config.sharding_rules={spec!r}: write regex=strategy pairs separated by `;`"
+            )
+    else:
+        pairs = list(spec)
+    rules = [(str(r).strip(), str(s).strip()) for r, s in pairs]
+    for pattern, strategy in rules:
+        if strategy not in STRATEGIES:
+            raise ValueError(
+                f"config.sharding_rules: strategy {strategy!r} for {pattern!r}; "
+                f"choose one of {STRATEGIES}"
+            )
+        re.compile(pattern)
+    return rules
+
+
+def mesh_from_config(config: Any, devices: Sequence[Any] | None = None) -> Mesh:
+    """The device mesh of `config.mesh` over all (global) devices."""
+    return make_mesh(parse_mesh(config.mesh), devices)
+
+
+def rules_from_config(config: Any) -> list[tuple[str, str]]:
+    """The partition rules of `config.sharding_rules`."""
+    return parse_rules(config.sharding_rules)
 
 
 def make_mesh(axes: Sequence[tuple[str, int]], devices: Sequence[Any] | None = None) -> Mesh:

@@ -57,7 +57,11 @@ def build_model(config: Any, space: vocab.TokenSpace):
 
 
 def token_loss(
-    logits: jax.Array, targets: jax.Array, weights: jax.Array, label_smoothing: float = 0.0
+    logits: jax.Array,
+    targets: jax.Array,
+    weights: jax.Array,
+    label_smoothing: float = 0.0,
+    normalizer: jax.Array | None = None,
 ) -> jax.Array:
     """Token-weighted cross-entropy `Σ w·CE / Σ w` (official normalisation).
 
@@ -66,13 +70,17 @@ def token_loss(
       targets: int32[..., T].
       weights: float32[..., T]; zero on prompts and padding.
       label_smoothing: mass spread uniformly over the vocabulary.
+      normalizer: the `Σ w` to divide by; default these weights' own. A
+        micro-batch passes its whole batch's, so micro-batch losses add up
+        to the whole batch's.
     """
     logits = logits.astype(jnp.float32)
     labels = jax.nn.one_hot(targets, logits.shape[-1], dtype=logits.dtype)
     if label_smoothing:
         labels = optax.smooth_labels(labels, label_smoothing)
     ce = optax.softmax_cross_entropy(logits, labels)
-    return jnp.sum(ce * weights) / (jnp.sum(weights) + 1e-9)
+    total = jnp.sum(weights) if normalizer is None else normalizer
+    return jnp.sum(ce * weights) / (total + 1e-9)
 
 
 def task_losses(
@@ -83,8 +91,12 @@ def task_losses(
     *,
     train: bool = True,
     label_smoothing: float = 0.0,
+    normalizers: Mapping[str, jax.Array] | None = None,
 ) -> dict[str, jax.Array]:
-    """Loss of each task's batch; each task encodes its own images."""
+    """Loss of each task's batch; each task encodes its own images.
+
+    `normalizers[task]` replaces the batch's own `Σ w` (see `token_loss`).
+    """
     losses = {}
     for i, task in enumerate(sorted(batches)):
         batch = batches[task]
@@ -96,7 +108,11 @@ def task_losses(
             rngs={"dropout": jax.random.fold_in(rng, i)},
         )
         losses[task] = token_loss(
-            logits, batch["target_seq"], batch["token_weights"], label_smoothing
+            logits,
+            batch["target_seq"],
+            batch["token_weights"],
+            label_smoothing,
+            None if normalizers is None else normalizers[task],
         )
     return losses
 
@@ -108,9 +124,12 @@ def mixed_loss(
     rng: jax.Array,
     weights: Mapping[str, float],
     label_smoothing: float = 0.0,
+    normalizers: Mapping[str, jax.Array] | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """`Σ_t λ_t L_t` and the per-task losses."""
-    losses = task_losses(params, model, batches, rng, label_smoothing=label_smoothing)
+    """`Σ_t λ_t L_t` and the per-task losses (`normalizers`: see `task_losses`)."""
+    losses = task_losses(
+        params, model, batches, rng, label_smoothing=label_smoothing, normalizers=normalizers
+    )
     total = sum(weights[t] * losses[t] for t in losses)
     return total, losses
 
@@ -123,13 +142,57 @@ def make_train_step(
     *,
     seed: int,
     label_smoothing: float = 0.0,
+    microbatches: int = 1,
 ) -> Callable:
-    """The pure step `(state, batches) → (state, metrics)`; jit it with shardings."""
+    """The pure step `(state, batches) → (state, metrics)`; jit it with shardings.
+
+    `microbatches` k > 1 (`train.microbatches`) splits every task's batch
+    into k along its batch axis and adds up their gradients before one
+    update, so only one micro-batch's activations are alive at a time. Each
+    task's loss is divided by its whole batch's `Σ w`, so the micro-batches'
+    losses and gradients add up to the whole batch's: the same update
+    (dropout aside: each micro-batch draws its own masks).
+    """
+    grad_fn = jax.value_and_grad(mixed_loss, has_aux=True)
+
+    def split(x: jax.Array) -> jax.Array:
+        # [B, ...] → [k, B / k, ...], micro-batch j holding rows j, j + k, …:
+        # strided, so each device's rows (a contiguous block of the batch
+        # axis) stay on it in every micro-batch and splitting moves no data.
+        if x.shape[0] % microbatches:
+            raise ValueError(
+                f"a batch of {x.shape[0]} does not split into train.microbatches="
+                f"{microbatches}; choose a divisor of every task's batch per device"
+            )
+        x = x.reshape(x.shape[0] // microbatches, microbatches, *x.shape[1:])
+        return jnp.moveaxis(x, 1, 0)
+
+    def accumulated_grads(params: Any, batches: Mapping[str, Any], rng: jax.Array):
+        normalizers = {t: jnp.sum(b["token_weights"]) for t, b in batches.items()}
+
+        def add(carry, xs):
+            j, batch = xs
+            rng_j = jax.random.fold_in(rng, j)
+            out = grad_fn(params, model, batch, rng_j, weights, label_smoothing, normalizers)
+            return jax.tree_util.tree_map(jnp.add, carry, out), None
+
+        # Losses and gradients accumulate in float32.
+        zeros = (
+            (jnp.zeros([]), {t: jnp.zeros([]) for t in batches}),
+            jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
+        )
+        micro = jax.tree_util.tree_map(split, batches)
+        out, _ = jax.lax.scan(add, zeros, (jnp.arange(microbatches), micro))
+        return out
 
     def step(state: TrainState, batches: Mapping[str, Any]) -> tuple[TrainState, dict]:
         rng = jax.random.fold_in(jax.random.key(seed), state.step)
-        grad_fn = jax.value_and_grad(mixed_loss, has_aux=True)
-        (loss, losses), grads = grad_fn(state.params, model, batches, rng, weights, label_smoothing)
+        if microbatches > 1:
+            (loss, losses), grads = accumulated_grads(state.params, batches, rng)
+        else:
+            (loss, losses), grads = grad_fn(
+                state.params, model, batches, rng, weights, label_smoothing
+            )
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {
@@ -203,20 +266,15 @@ def validate(config: Any) -> None:
             "or remove those tasks from config.tasks"
         )
     evaluate.check_prompt_boxes(config, tasks)
-    n = jax.process_count()
-    if int(config.train.batch_size) % n:
-        raise ValueError(
-            f"config.train.batch_size={config.train.batch_size} must divide by {n} processes"
-        )
+    sharding.mesh_from_config(config)  # raises, naming config.mesh, when it does not fit
+    sharding.rules_from_config(config)
     own = [t for t in config.tasks if config.tasks[t].get("batch_size", 0)]
     if own and config.train.mixing == "data":
         raise ValueError(
             f"config.tasks.{own[0]}.batch_size is for train.mixing=batch; data mixing splits "
             "train.batch_size by the task weights"
         )
-    for task, size in task_batch_sizes(config).items():
-        if size % n:
-            raise ValueError(f"config.tasks.{task}.batch_size={size} must divide by {n} processes")
+    check_batch_sizes(config)
     if config.train.mixing == "data":
         for name, task in tasks.items():
             if len(task.sequence_shape) > 1 and task.sequence_shape[0] != 1:
@@ -225,6 +283,53 @@ def validate(config: Any) -> None:
                     f"gives {task.sequence_shape[0]} (set its captions_per_image or "
                     "instances_per_image to 1)"
                 )
+
+
+def check_batch_sizes(config: Any) -> None:
+    """Every global batch must split evenly over the devices and the processes.
+
+    A batch is split along its leading axis over every device of the mesh, and
+    each process feeds the rows of its own devices.
+    """
+    devices, processes = jax.device_count(), jax.process_count()
+    where = f"{devices} devices" + (f" on {processes} processes" if processes > 1 else "")
+    if config.train.mixing == "data":
+        total = int(config.train.batch_size)
+        if total % devices:
+            raise ValueError(
+                f"config.train.batch_size={total} does not split over {where}; use a multiple "
+                f"of {devices}, e.g. --config.train.batch_size={_round_up(total, devices)}"
+            )
+        for task, share in data_mixing_shares(config).items():
+            if share % processes:
+                raise ValueError(
+                    f"data mixing gives {task} {share} of train.batch_size={total} examples, "
+                    f"which do not split over {processes} processes; change train.batch_size or "
+                    "the task weights"
+                )
+        return
+    micro = int(config.train.get("microbatches", 1))
+    for task, size in task_batch_sizes(config).items():
+        if micro < 1 or (size // devices) % micro:
+            raise ValueError(
+                f"config.train.microbatches={micro} must divide {task}'s batch per device "
+                f"({size} over {where})"
+            )
+        if size % devices:
+            field = (
+                f"tasks.{task}.batch_size"
+                if config.tasks[task].get("batch_size", 0)
+                else "train.batch_size"
+            )
+            raise ValueError(
+                f"config.{field}={size} (the global batch of {task}) does not split over "
+                f"{where}; use a multiple of {devices}, e.g. "
+                f"--config.{field}={_round_up(size, devices)}"
+            )
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 def create_state(
@@ -241,7 +346,7 @@ def create_state(
 
     rng = jax.random.key(int(config.seed))
     abstract = jax.eval_shape(init, rng)
-    shardings = sharding.tree_shardings(abstract, mesh, [tuple(r) for r in config.sharding_rules])
+    shardings = sharding.tree_shardings(abstract, mesh, sharding.rules_from_config(config))
     state = jax.jit(init, out_shardings=shardings)(rng)
     return state, shardings
 
@@ -255,7 +360,13 @@ def _format_eta(seconds: float) -> str:
 
 
 class _Inputs:
-    """Per-task tf.data iterators of this process, yielding numpy batches."""
+    """Per-task tf.data iterators of this process, yielding numpy batches.
+
+    By default `data` is the whole split on every process and each process
+    fills its rows of the global batch (the same batches for any process
+    count). With `data.shard_annotations` each process holds only its share of
+    the split (less memory at start-up) and draws its own order from it.
+    """
 
     def __init__(self, config: Any, data: inputs.SplitData):
         self.data = data
@@ -265,6 +376,7 @@ class _Inputs:
             batch = {t: s // n for t, s in data_mixing_shares(config).items()}
         else:
             batch = {t: s // n for t, s in task_batch_sizes(config).items()}
+        sharded = bool(config.data.get("shard_annotations", False))
         tasks = build_tasks(config)
         self.length = max(task.sequence_length for task in tasks.values())
         self.iterators = {}
@@ -275,9 +387,9 @@ class _Inputs:
                 data,
                 config,
                 batch_size=max(batch[name], 1),
-                seed=int(config.seed) * 100 + k,
-                process_index=i,
-                process_count=n,
+                seed=int(config.seed) * 100 + k + (7919 * i if sharded else 0),
+                process_index=0 if sharded else i,
+                process_count=1 if sharded else n,
             )
             self.iterators[name] = iter(ds)
         self.truncated: dict[str, int] = {}
@@ -312,9 +424,13 @@ def train(
     total_steps = int(config.train.steps)
 
     # --- Mesh and input.
-    mesh = sharding.make_mesh([tuple(a) for a in config.mesh])
-    data = inputs.load_split(config, config.data.train_split, space, workdir=workdir)
-    data.category_map.save(os.path.join(workdir, "categories.json"))
+    mesh = sharding.mesh_from_config(config)
+    share = {}
+    if config.data.get("shard_annotations", False):
+        share = {"process_index": jax.process_index(), "process_count": jax.process_count()}
+    data = inputs.load_split(config, config.data.train_split, space, workdir=workdir, **share)
+    if jax.process_index() == 0:
+        data.category_map.save(os.path.join(workdir, "categories.json"))
     feed = _Inputs(config, data)
     logging.info("Training on %d images; tasks %s", data.num_images, list(config.tasks))
 
@@ -334,9 +450,9 @@ def train(
     )
     start = ckpt.latest_step() or 0
     if start:
+        # Into this run's mesh and shardings, whatever the saving run's were.
         state = ckpt.restore(start, state)
-        if not ckpt.restore_inputs(start, feed.iterators):
-            logging.warning("No input state at step %d: the input order restarts", start)
+        ckpt.restore_inputs(start, feed.iterators)
         logging.info("Resumed from step %d", start)
 
     # --- The update step.
@@ -347,6 +463,7 @@ def train(
         task_weights(config),
         seed=int(config.seed),
         label_smoothing=float(config.optim.label_smoothing),
+        microbatches=int(config.train.get("microbatches", 1)),
     )
     step_fn = jax.jit(
         step_fn,
@@ -355,50 +472,60 @@ def train(
         donate_argnums=0,
     )
 
-    # --- Loop.
+    # --- Loop. Steps run asynchronously: while step t computes, the host builds
+    # batch t+1 and copies it to the devices. Checkpoints are saved before the
+    # next batch is drawn, so the saved input position is exactly step t's.
     log_every = max(int(config.train.log_every), 1)
     tic, tic_step = time.perf_counter(), start
     metrics = None
+    batches = sharding.to_global(feed.next(), mesh) if start < total_steps else None
     for step in range(start + 1, total_steps + 1):
-        batches = sharding.to_global(feed.next(), mesh)
         state, metrics = step_fn(state, batches)
+        if ckpt.should_save(step, total_steps):
+            _check_finite(jax.device_get(metrics["loss"]), step, ckpt)  # never save a NaN state
+            ckpt.save(step, state, feed.iterators)
+        if step < total_steps:
+            batches = sharding.to_global(feed.next(), mesh)
         if step % log_every == 0 or step == total_steps:
             metrics = jax.device_get(metrics)
-            if not np.isfinite(metrics["loss"]):
-                raise FloatingPointError(
-                    f"loss is {metrics['loss']} at step {step}; the last checkpoint is step "
-                    f"{ckpt.latest_step()} in {ckpt.directory}"
-                )
+            _check_finite(metrics["loss"], step, ckpt)
             rate = (step - tic_step) / (time.perf_counter() - tic)
             writer.write_scalars(step, {**metrics, **feed.truncated, "steps_per_s": rate})
             eta = _format_eta((total_steps - step) / rate if rate > 0 else float("inf"))
             per_task = " ".join(
                 f"{k[5:]} {v:.3f}" for k, v in metrics.items() if k.startswith("loss/")
             )
-            print(
-                f"step {step}/{total_steps} | loss {metrics['loss']:.4f} ({per_task}) | "
-                f"|g| {metrics['grad_norm']:.2f} | lr {metrics['learning_rate']:.2e} | "
-                f"{rate:.2f} steps/s | ETA {eta}",
-                flush=True,
-            )
+            if jax.process_index() == 0:
+                print(
+                    f"step {step}/{total_steps} | loss {metrics['loss']:.4f} ({per_task}) | "
+                    f"|g| {metrics['grad_norm']:.2f} | lr {metrics['learning_rate']:.2e} | "
+                    f"{rate:.2f} steps/s | ETA {eta}",
+                    flush=True,
+                )
             tic, tic_step = time.perf_counter(), step
-        if ckpt.should_save(step, total_steps):
-            ckpt.save(step, state, feed.iterators)
         eval_every = int(config.train.get("eval_every", 0))
         if evaluate_fn and eval_every and step % eval_every == 0 and step != total_steps:
             evaluate_fn(step, state.params, model)
             tic, tic_step = time.perf_counter(), step
     ckpt.wait()
     writer.flush()
-    if any(feed.truncated.values()):
+    if any(feed.truncated.values()) and jax.process_index() == 0:
         print(f"Did not fit the sequences (counted, trained without): {feed.truncated}", flush=True)
     return state, model
+
+
+def _check_finite(loss: Any, step: int, ckpt: checkpoint.Checkpointer) -> None:
+    if not np.isfinite(loss):
+        raise FloatingPointError(
+            f"loss is {loss} at step {step}; the last checkpoint is step "
+            f"{ckpt.latest_step()} in {ckpt.directory}"
+        )
 
 
 def restore_params(config: Any, workdir: str) -> tuple[Any, Any, int]:
     """Parameters of the latest checkpoint in `workdir` (for `--mode eval`)."""
     space = vocab.TokenSpace.from_config(config.vocab)
-    mesh = sharding.make_mesh([tuple(a) for a in config.mesh])
+    mesh = sharding.mesh_from_config(config)
     model = build_model(config, space)
     total_steps = int(config.train.steps)
     optimizer = optim.make_optimizer(config.optim, total_steps)

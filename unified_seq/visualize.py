@@ -5,9 +5,12 @@ All coordinates are pixels of the image drawn on, y before x.
 
 from __future__ import annotations
 
+import io
+import os
 from collections.abc import Sequence
 
 import numpy as np
+import tensorflow as tf
 from PIL import Image, ImageDraw
 
 # COCO skeleton over the 17 keypoints (0-based), drawn as limbs.
@@ -110,3 +113,14 @@ def grid(pictures: Sequence[Image.Image], columns: int = 4) -> Image.Image:
     for i, p in enumerate(pictures):
         sheet.paste(p, ((i % columns) * cw, (i // columns) * ch))
     return sheet
+
+
+def save_png(picture: Image.Image, path: str) -> None:
+    """Writes a picture as PNG to any tf.io.gfile path, creating its folder."""
+    png = io.BytesIO()
+    picture.save(png, format="PNG")
+    folder = os.path.dirname(path)
+    if folder:
+        tf.io.gfile.makedirs(folder)
+    with tf.io.gfile.GFile(path, "wb") as f:
+        f.write(png.getvalue())

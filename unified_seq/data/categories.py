@@ -14,6 +14,7 @@ import os
 from typing import Any
 
 import numpy as np
+import tensorflow as tf
 
 from unified_seq.data.errors import DataError
 from unified_seq.vocab import TokenSpace
@@ -141,29 +142,18 @@ class CategoryMap:
         return np.array([index.get(_swap_side(n), i) for i, n in enumerate(names)], np.int32)
 
     def save(self, path: str) -> None:
-        """Writes the map as JSON (local path or any tf.io.gfile URL)."""
-        content = json.dumps(dataclasses.asdict(self), indent=1)
-        if "://" in path:
-            import tensorflow as tf
-
-            with tf.io.gfile.GFile(path, "w") as f:
-                f.write(content)
-            return
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as f:
-            f.write(content)
+        """Writes the map as JSON (any tf.io.gfile path)."""
+        folder = os.path.dirname(path)
+        if folder:
+            tf.io.gfile.makedirs(folder)
+        with tf.io.gfile.GFile(path, "w") as f:
+            f.write(json.dumps(dataclasses.asdict(self), indent=1))
 
     @classmethod
     def load(cls, path: str) -> CategoryMap:
         """Reads a map written by `save`."""
-        if "://" in path:
-            import tensorflow as tf
-
-            with tf.io.gfile.GFile(path) as f:
-                text = f.read()
-        else:
-            with open(path) as f:
-                text = f.read()
+        with tf.io.gfile.GFile(path) as f:
+            text = f.read()
         try:
             content = json.loads(text)
             fields = {f.name: tuple(content[f.name]) for f in dataclasses.fields(cls)}

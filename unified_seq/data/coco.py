@@ -31,8 +31,12 @@ variable lengths.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import gc
 import json
 import os
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import cv2
@@ -58,6 +62,21 @@ BAD_IMAGE_POLICIES = ("fail", "skip")
 MAX_POLYGON_POINTS = 128
 SIMPLIFY_TOLERANCE = 1.0  # pixels
 _NAN_ROW = np.full([1, 2], np.nan, np.float32)
+_READ_BYTES = 1 << 24
+# Where the image ids of a file are read from first (see _listed_image_ids).
+_PREFIX_BYTES = 1 << 24
+# What the object hook leaves in place of another process's annotation.
+_DROPPED = object()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Image:
+    """What the loader keeps of an `images` entry."""
+
+    file_name: str
+    height: int
+    width: int
+    listed_in: str  # the first annotation file that lists it
 
 
 def annotation_path(coco_dir: str, kind: str, split: str) -> str:
@@ -70,40 +89,65 @@ def image_dir(coco_dir: str, split: str) -> str:
     return os.path.join(coco_dir, f"{split}2017")
 
 
-def _is_remote(path: str) -> bool:
-    return "://" in path
+def absolute_path(path: str) -> str:
+    """A local path made absolute and normalised (as `os.path.abspath`); URLs as they are."""
+    if "://" in path:
+        return path
+    return os.path.normpath(os.path.join(os.getcwd(), path))
 
 
-def _exists(path: str) -> bool:
-    return tf.io.gfile.exists(path) if _is_remote(path) else os.path.exists(path)
+@contextlib.contextmanager
+def _gc_paused():
+    """Pauses the cyclic garbage collector while annotation files are parsed and read.
+
+    COCO train parses into tens of millions of objects, none of them garbage;
+    the collections their count triggers almost double the parse time.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
-def _read_json(path: str) -> dict:
+def _read_text(path: str) -> str:
+    """A JSON file's text, decoded as json.loads decodes bytes.
+
+    Read in pieces: one GFile.read of the whole file holds about three times
+    its size at once (COCO train's instances: 1.4 GB for 0.48 GB).
+    """
+    data = bytearray()
+    with tf.io.gfile.GFile(path, "rb") as f:
+        while chunk := f.read(_READ_BYTES):
+            data += chunk
+    return data.decode(json.detect_encoding(data), "surrogatepass")
+
+
+def _read_json(path: str, object_hook: Callable[[dict], Any] | None = None) -> dict:
     """Parses one annotation file; DataError on unreadable or invalid JSON."""
     try:
-        if _is_remote(path):
-            with tf.io.gfile.GFile(path, "rb") as f:
-                content = json.loads(f.read())
-        else:
-            with open(path, "rb") as f:
-                content = json.load(f)
+        text = _read_text(path)
+        with _gc_paused():
+            content = json.loads(text, object_hook=object_hook)
     except json.JSONDecodeError as e:
         raise DataError(
             path,
             f"not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}",
             "the file is damaged or truncated; download or generate it again",
         ) from e
-    except (OSError, UnicodeDecodeError) as e:
+    except (tf.errors.OpError, OSError, UnicodeDecodeError) as e:
         raise DataError(path, f"cannot be read ({e})", "check the file and its permissions") from e
     if not isinstance(content, dict):
         raise DataError(path, "top level is not a JSON object", "expected a COCO annotation file")
     return content
 
 
-def _read_files(coco_dir: str, split: str) -> dict[str, tuple[str, dict]]:
-    """kind → (path, parsed content) for the annotation files that exist."""
-    paths = {kind: annotation_path(coco_dir, kind, split) for kind in KINDS}
-    present = {kind: p for kind, p in paths.items() if _exists(p)}
+def _annotation_files(coco_dir: str, split: str, kinds: Sequence[str]) -> dict[str, str]:
+    """kind → path of the split's annotation files that exist (at least one)."""
+    paths = {kind: annotation_path(coco_dir, kind, split) for kind in kinds}
+    present = {kind: p for kind, p in paths.items() if tf.io.gfile.exists(p)}
     if not present:
         raise DataError(
             os.path.join(coco_dir, "annotations"),
@@ -111,58 +155,110 @@ def _read_files(coco_dir: str, split: str) -> dict[str, tuple[str, dict]]:
             + ", ".join(paths.values()),
             "point data.coco_dir at a folder in the COCO 2017 layout",
         )
-    files = {}
-    for kind, path in present.items():
-        content = _read_json(path)
-        for key in REQUIRED_KEYS[kind]:
-            if key not in content:
-                raise DataError(path, f"missing top-level key {key!r}", "see the COCO format")
-            if not isinstance(content[key], list):
-                raise DataError(path, f"{key!r} must be a list", "see the COCO format")
-        files[kind] = (path, content)
-    return files
+    return present
 
 
-def _collect_images(files: dict[str, tuple[str, dict]]) -> dict[int, tuple[dict, str]]:
-    """image id → (image entry, path of the first file that lists it)."""
-    images: dict[int, tuple[dict, str]] = {}
-    for path, content in files.values():
-        for index, image in enumerate(content["images"]):
-            if not isinstance(image, dict):
-                raise DataError(path, f"images[{index}] is not an object")
-            for field in ("id", "file_name", "height", "width"):
-                if field not in image:
-                    name = image.get("id", f"images[{index}]")
-                    raise DataError(
-                        path, f"image {name} has no {field!r}", "every image needs it (COCO format)"
-                    )
-            if not isinstance(image["id"], int):
-                raise DataError(path, f"images[{index}] has id {image['id']!r}; ids are integers")
-            if not isinstance(image["file_name"], str) or not image["file_name"]:
-                raise DataError(path, f"image {image['id']}: 'file_name' must be a path string")
-            h, w = image["height"], image["width"]
-            if not (isinstance(h, int) and isinstance(w, int) and h > 0 and w > 0):
-                raise DataError(
-                    path,
-                    f"image {image['id']}: height/width must be positive integers, got {h}, {w}",
-                )
-            images.setdefault(image["id"], (image, path))
-    return images
+def _check_layout(path: str, kind: str, content: dict) -> None:
+    for key in REQUIRED_KEYS[kind]:
+        if key not in content:
+            raise DataError(path, f"missing top-level key {key!r}", "see the COCO format")
+        if not isinstance(content[key], list):
+            raise DataError(path, f"{key!r} must be a list", "see the COCO format")
 
 
-def _build_categories(files: dict[str, tuple[str, dict]], space: TokenSpace) -> CategoryMap:
-    """Union of the files' categories, by id (the keypoint file adds `keypoints`)."""
-    merged: dict[int, dict] = {}
-    paths = []
-    for kind in ("instances", "person_keypoints"):
-        if kind not in files:
-            continue
-        path, content = files[kind]
-        check_categories(content["categories"], path)
-        paths.append(path)
-        for category in content["categories"]:
-            merged[category["id"]] = {**merged.get(category["id"], {}), **category}
-    return CategoryMap.build(list(merged.values()), space, " + ".join(paths) or "annotations")
+class _StopParsingError(Exception):
+    """Raised by `_listed_image_ids`'s hook at a file's first annotation: not an error."""
+
+
+def _listed_image_ids(path: str) -> list[Any]:
+    """The ids in one annotation file's `images`, read without parsing its annotations if it can.
+
+    COCO files list `images` before `annotations`, so growing prefixes of the
+    file are parsed until the first annotation, which stops the parse: a few
+    percent of the file. A file in another order is parsed whole, each
+    annotation dropped as soon as it is parsed.
+    """
+    ids = []
+
+    def collect(obj: dict) -> dict:
+        if "file_name" in obj:
+            ids.append(obj.get("id"))
+        return obj
+
+    def until_annotations(obj: dict) -> dict:
+        if "image_id" in obj:
+            raise _StopParsingError
+        return collect(obj)
+
+    with tf.io.gfile.GFile(path, "rb") as f:
+        head = f.read(_PREFIX_BYTES)
+        while True:
+            ids.clear()
+            try:
+                with _gc_paused():
+                    json.loads(head.decode("utf-8-sig", "ignore"), object_hook=until_annotations)
+            except _StopParsingError:
+                if ids:
+                    return ids
+                break  # annotations before images
+            except json.JSONDecodeError:
+                more = f.read(len(head))
+                if more:
+                    head += more
+                    continue
+                break  # damaged: the full parse below reports it
+            return ids  # a file without annotations
+    ids.clear()
+    _read_json(path, lambda obj: _DROPPED if "image_id" in obj else collect(obj))
+    return ids
+
+
+def _process_shard(
+    paths: dict[str, str], process_index: int, process_count: int
+) -> tuple[frozenset, frozenset] | None:
+    """(image ids kept, image ids left to other processes): the sorted ids [index::count]."""
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} is not in [0, {process_count})")
+    if process_count == 1:
+        return None
+    listed = set()
+    for path in paths.values():
+        listed.update(i for i in _listed_image_ids(path) if _is_int(i))
+    kept = frozenset(sorted(listed)[process_index::process_count])
+    return kept, frozenset(listed - kept)
+
+
+def _annotation_hook(elsewhere: frozenset) -> Callable[[dict], Any]:
+    """A json object_hook that drops other processes' annotations and packs the rest.
+
+    Called on every JSON object as soon as it is parsed, so an annotation of
+    another process's image never outlives its own parse, and the kept ones
+    hold their numbers as float32 arrays instead of Python floats (8x
+    smaller). Whatever does not look right is left as it is, for `_Reader` to
+    check and report.
+    """
+
+    def hook(obj: dict) -> Any:
+        image_id = obj.get("image_id")
+        if image_id is None:
+            return obj  # images, categories, RLE
+        if _is_int(image_id) and image_id in elsewhere:
+            return _DROPPED
+        seg = obj.get("segmentation")
+        if type(seg) is list:
+            arrays = [_numbers(p, len(p)) if type(p) is list else None for p in seg]
+            if all(a is not None for a in arrays):
+                obj["segmentation"] = arrays
+        elif type(seg) is dict and obj.get("iscrowd"):
+            obj["segmentation"] = {}  # crowd regions are never targets; frees the RLE counts
+        keypoints = obj.get("keypoints")
+        if type(keypoints) is list:
+            array = _numbers(keypoints, len(keypoints))
+            if array is not None:
+                obj["keypoints"] = array
+        return obj
+
+    return hook
 
 
 def _ann_error(path: str, ann: dict, index: int, problem: str) -> DataError:
@@ -182,41 +278,86 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def _numbers(values: Any, length: int) -> np.ndarray | None:
-    """float32[length] when `values` is a list of `length` numbers, else None."""
-    if not isinstance(values, list) or len(values) != length:
+    """float32[length] when `values` is a list (or array) of `length` numbers, else None."""
+    if isinstance(values, list):
+        if len(values) != length:
+            return None
+        try:
+            values = np.asarray(values)  # one C pass instead of a Python type check per value
+        except ValueError:  # nested lists of different lengths
+            return None
+    if not isinstance(values, np.ndarray) or values.shape != (length,):
         return None
-    try:
-        array = np.asarray(values)  # one C pass instead of a Python type check per value
-    except ValueError:  # nested lists of different lengths
+    if values.dtype.kind not in "iuf":
         return None
-    if array.ndim != 1 or array.dtype.kind not in "iuf":
-        return None
-    return array.astype(np.float32)
+    return values.astype(np.float32, copy=False)
 
 
 class _Reader:
-    """Joins the annotation files into per-image object records, checking as it goes."""
+    """Joins the annotation files into per-image object records, checking as it goes.
 
-    def __init__(self, images: dict, category_map: CategoryMap, num_keypoints: int):
-        self.images = images
-        self.class_of = dict(zip(category_map.dataset_ids, category_map.class_ids, strict=True))
+    Files are added one at a time; what needs every file (the images of all
+    of them, the merged categories) is checked by `finish`.
+    """
+
+    def __init__(self, num_keypoints: int, kept_images: frozenset | None):
         self.num_keypoints = num_keypoints
+        self.kept_images = kept_images
+        self.images: dict[int, _Image] = {}
+        self.listed_images: set[int] = set()
+        self.categories: dict[int, dict] = {}
+        self.category_files: list[str] = []
         self.objects: dict[int, list[dict]] = {}
         self.by_ann_id: dict[Any, dict] = {}
         self.captions: dict[int, list[str]] = {}
+        self.first_caption: dict[Any, tuple[str, int, dict]] = {}  # for errors: where, what
         self.stats = {"rle_converted": 0, "dropped_polygons": 0}
+
+    def add_images(self, path: str, images: list) -> None:
+        """Checks a file's `images` and keeps those of this process (the first file's entry)."""
+        for index, image in enumerate(images):
+            if not isinstance(image, dict):
+                raise DataError(path, f"images[{index}] is not an object")
+            for field in ("id", "file_name", "height", "width"):
+                if field not in image:
+                    name = image.get("id", f"images[{index}]")
+                    raise DataError(
+                        path, f"image {name} has no {field!r}", "every image needs it (COCO format)"
+                    )
+            if not _is_int(image["id"]):
+                raise DataError(path, f"images[{index}] has id {image['id']!r}; ids are integers")
+            if not isinstance(image["file_name"], str) or not image["file_name"]:
+                raise DataError(path, f"image {image['id']}: 'file_name' must be a path string")
+            h, w = image["height"], image["width"]
+            if not (isinstance(h, int) and isinstance(w, int) and h > 0 and w > 0):
+                raise DataError(
+                    path,
+                    f"image {image['id']}: height/width must be positive integers, got {h}, {w}",
+                )
+            self.listed_images.add(image["id"])
+            if image["id"] not in self.images and (
+                self.kept_images is None or image["id"] in self.kept_images
+            ):
+                self.images[image["id"]] = _Image(image["file_name"], h, w, path)
+
+    def add_categories(self, path: str, categories: list) -> None:
+        """Merges a file's categories by id (the keypoint file adds `keypoints`)."""
+        check_categories(categories, path)
+        self.category_files.append(path)
+        for category in categories:
+            self.categories[category["id"]] = {
+                **self.categories.get(category["id"], {}),
+                **category,
+            }
 
     def add_instance(self, path: str, ann: Any, index: int) -> dict:
         """Checks one instance annotation and files it under its image."""
         _require(path, ann, index, ("id", "image_id", "category_id", "bbox"))
-        if ann["image_id"] not in self.images:
-            raise _ann_error(path, ann, index, f"image_id {ann['image_id']} is not in 'images'")
-        class_id = self.class_of.get(ann["category_id"])
-        if class_id is None:
-            raise _ann_error(
-                path, ann, index, f"category_id {ann['category_id']!r} is not in 'categories'"
-            )
         bbox = _numbers(ann["bbox"], 4)
         if bbox is None:
             raise _ann_error(
@@ -230,7 +371,7 @@ class _Reader:
         record = {
             "id": ann["id"],
             "image_id": ann["image_id"],
-            "class": class_id,
+            "category_id": ann["category_id"],
             "bbox": bbox,
             "area": area,
             "is_crowd": bool(ann.get("iscrowd", 0)),
@@ -260,7 +401,9 @@ class _Reader:
         k = self.num_keypoints
         xyv = _numbers(kps, 3 * k)
         if xyv is None:
-            got = f"{len(kps)} values" if isinstance(kps, list) else type(kps).__name__
+            got = (
+                f"{len(kps)} values" if isinstance(kps, (list, np.ndarray)) else type(kps).__name__
+            )
             raise _ann_error(
                 path,
                 ann,
@@ -272,17 +415,42 @@ class _Reader:
 
     def add_caption(self, path: str, ann: Any, index: int) -> None:
         _require(path, ann, index, ("image_id", "caption"))
-        if ann["image_id"] not in self.images:
-            raise _ann_error(path, ann, index, f"image_id {ann['image_id']} is not in 'images'")
         if not isinstance(ann["caption"], str):
             raise _ann_error(path, ann, index, "'caption' must be a string")
+        self.first_caption.setdefault(ann["image_id"], (path, index, ann))
         self.captions.setdefault(ann["image_id"], []).append(ann["caption"])
+
+    def finish(self, space: TokenSpace) -> CategoryMap:
+        """Checks image and category ids against every file's; returns the category map."""
+        category_map = CategoryMap.build(
+            list(self.categories.values()), space, " + ".join(self.category_files) or "annotations"
+        )
+        class_of = dict(zip(category_map.dataset_ids, category_map.class_ids, strict=True))
+        for record in self.by_ann_id.values():
+            path, index = record["where"]
+            if record["image_id"] not in self.listed_images:
+                raise _ann_error(
+                    path, record, index, f"image_id {record['image_id']} is not in 'images'"
+                )
+            record["class"] = class_of.get(record["category_id"])
+            if record["class"] is None:
+                raise _ann_error(
+                    path,
+                    record,
+                    index,
+                    f"category_id {record['category_id']!r} is not in 'categories'",
+                )
+        for image_id, (path, index, ann) in self.first_caption.items():
+            if image_id not in self.listed_images:
+                raise _ann_error(path, ann, index, f"image_id {image_id} is not in 'images'")
+        self.by_ann_id.clear()  # records now live in self.objects alone
+        return category_map
 
     def polygons(self, record: dict, height: int, width: int) -> np.ndarray:
         """float32[P, 2] (y, x) pixels of one instance; NaN rows between polygons."""
         seg = record["segmentation"]
         path, index = record["where"]
-        if seg is None or seg == []:
+        if seg is None or (isinstance(seg, list) and not seg):
             return np.zeros([0, 2], np.float32)
         if isinstance(seg, dict):
             if record["is_crowd"]:
@@ -293,7 +461,10 @@ class _Reader:
             raise _ann_error(path, record, index, "'segmentation' must be polygons or RLE")
         parts = []
         for poly in seg:
-            xy = _numbers(poly, len(poly)) if isinstance(poly, list) else None
+            if type(poly) is np.ndarray:
+                xy = poly  # packed and checked by _annotation_hook
+            else:
+                xy = _numbers(poly, len(poly)) if isinstance(poly, list) else None
             if xy is None or xy.size % 2:
                 raise _ann_error(
                     path,
@@ -313,9 +484,9 @@ class _Reader:
             return np.zeros([self.num_keypoints, 3], np.float32)
         return record["keypoints"]
 
-    def objects_of(self, image_id: int, height: int, width: int) -> dict[str, Any]:
-        """The `objects/*` entries of one image (example.py layout)."""
-        records = self.objects.get(image_id)
+    def pop_objects(self, image_id: int, height: int, width: int) -> dict[str, Any]:
+        """The `objects/*` entries of one image (example.py layout); its records are let go."""
+        records = self.objects.pop(image_id, None)
         if not records:
             return example_lib.empty_objects(self.num_keypoints)
         xywh = np.stack([r["bbox"] for r in records])
@@ -337,10 +508,12 @@ def join_polygons(parts: list[np.ndarray]) -> np.ndarray:
     """Joins float32[P_i, 2] polygons with one NaN row between them (float32[P, 2])."""
     if not parts:
         return np.zeros([0, 2], np.float32)
+    if len(parts) == 1:
+        return np.ascontiguousarray(parts[0], np.float32)
     joined = [parts[0]]
     for part in parts[1:]:
         joined += [_NAN_ROW, part]
-    return np.concatenate(joined).astype(np.float32)
+    return np.concatenate(joined).astype(np.float32, copy=False)
 
 
 def mask_to_points(mask: np.ndarray) -> np.ndarray:
@@ -396,39 +569,28 @@ def rle_to_points(seg: dict, height: int, width: int, path: str, ann_id: Any) ->
     return mask_to_points(mask_utils.decode(rle))
 
 
-def _listing(folder: str) -> set[str] | None:
-    """Names in `folder` (one listing instead of a stat per image); None if it is missing."""
-    if not _exists(folder):
-        return None
-    if _is_remote(folder):
-        return {n.rstrip("/") for n in tf.io.gfile.listdir(folder)}
-    return set(os.listdir(folder))
-
-
 def _image_files(
-    folder: str, images: dict[int, tuple[dict, str]], on_bad_image: str
+    folder: str, images: dict[int, _Image], on_bad_image: str
 ) -> tuple[dict[int, str], list[str]]:
     """image id → image path for images whose file exists; and the missing paths."""
-    names = _listing(folder)
-    if names is None:
+    if not tf.io.gfile.isdir(folder):
         raise DataError(
             folder,
             f"image folder not found ({len(images)} images are listed in the annotations)",
             "the COCO layout keeps a split's images in ROOT/<split>2017/<file_name>",
         )
-    local = not _is_remote(folder)
+    # One listing instead of a stat per image; names in subfolders are stat'ed.
+    names = {n.rstrip("/") for n in tf.io.gfile.listdir(folder)}
     found, missing = {}, []
-    for image_id, (image, json_path) in images.items():
-        path = os.path.join(folder, image["file_name"])
-        if local:
-            path = os.path.abspath(path)
-        if image["file_name"] in names or _exists(path):
+    for image_id, image in images.items():
+        path = os.path.join(folder, image.file_name)
+        if image.file_name in names or tf.io.gfile.exists(path):
             found[image_id] = path
             continue
         if on_bad_image == "fail":
             raise DataError(
                 path,
-                f"image file not found (image {image_id}, listed in {json_path})",
+                f"image file not found (image {image_id}, listed in {image.listed_in})",
                 "restore the file, or set --config.data.on_bad_image=skip to skip and count",
             )
         missing.append(path)
@@ -442,67 +604,104 @@ def load_coco_json(
     *,
     num_keypoints: int = 17,
     on_bad_image: str = "fail",
+    process_index: int = 0,
+    process_count: int = 1,
+    kinds: Sequence[str] = KINDS,
 ) -> tuple[list[dict], CategoryMap, dict]:
-    """Reads one split of a data set in the COCO 2017 layout.
+    """Reads one split of a data set in the COCO 2017 layout, or one process's share of it.
 
     Crowd regions are kept (`objects/is_crowd`); images without annotations are
     kept with no objects. Only the existence of image files is checked here;
     images that fail to decode are the pipeline's business.
 
+    With `process_count` n > 1, the process keeps the images `process_index::n`
+    of the split's image ids in sorted order (what `examples.shard(n, index)`
+    of the whole split holds, when no image file is missing) and their
+    annotations. Other processes' annotations are dropped while the JSON is
+    parsed, so memory falls with n; they are not checked here, each process
+    checks its own.
+
     Args:
-      coco_dir: ROOT of the layout (local path or tf.io.gfile URL).
+      coco_dir: ROOT of the layout (any tf.io.gfile path: local, gs://, ...).
       split: `train`, `val`, ... as in the file names.
       space: token space; class ids are remapped when data-set ids do not fit.
       num_keypoints: K, keypoints per instance.
       on_bad_image: `fail` raises on a missing image file; `skip` drops the
         image and counts it in stats["skipped_images"].
+      process_index, process_count: this process's share of the images.
+      kinds: the annotation files to read, of KINDS (those that exist).
 
     Returns:
       examples (example.py layout, sorted by image id; `image/filename` is the
-      image's path, `image/encoded` b""), the category map, and counts:
-      images, objects, crowd, with_keypoints, with_masks, rle_converted,
-      dropped_polygons, captions, empty_images, skipped_images.
+      image's path, absolute when local; `image/encoded` b""), the category
+      map, and counts over the examples: images, objects, crowd,
+      with_keypoints, with_masks, rle_converted, dropped_polygons, captions,
+      empty_images, skipped_images.
     """
     if on_bad_image not in BAD_IMAGE_POLICIES:
         raise ValueError(f"on_bad_image={on_bad_image!r}; choose one of {BAD_IMAGE_POLICIES}")
-    files = _read_files(coco_dir, split)
-    images = _collect_images(files)
-    category_map = _build_categories(files, space)
-    reader = _Reader(images, category_map, num_keypoints)
+    if not kinds or set(kinds) - set(KINDS):
+        raise ValueError(f"kinds={kinds!r}; choose from {KINDS}")
+    coco_dir = absolute_path(coco_dir)
+    paths = _annotation_files(coco_dir, split, [k for k in KINDS if k in kinds])
+    shard = _process_shard(paths, process_index, process_count)
+    kept, elsewhere = shard or (None, frozenset())
+    reader = _Reader(num_keypoints, kept)
     adders = {
         "instances": reader.add_instance,
         "person_keypoints": reader.add_keypoints,
         "captions": reader.add_caption,
     }
-    for kind in KINDS:
-        if kind in files:
-            path, content = files[kind]
+    hook = _annotation_hook(elsewhere)
+    with _gc_paused():
+        for kind, path in paths.items():
+            content = _read_json(path, hook)
+            _check_layout(path, kind, content)
+            reader.add_images(path, content["images"])
+            if kind != "captions":
+                reader.add_categories(path, content["categories"])
             add = adders[kind]
-            for index, ann in enumerate(content["annotations"]):
-                add(path, ann, index)
-    del files  # the parsed JSON of COCO train is gigabytes; free it before converting
-
-    found, missing = _image_files(image_dir(coco_dir, split), images, on_bad_image)
-    if missing:
-        logging.warning(
-            "Skipping %d images whose files are missing, e.g. %s", len(missing), missing[:3]
-        )
-    examples = []
-    for image_id in sorted(found):
-        image = images[image_id][0]
-        h, w = image["height"], image["width"]
-        examples.append(
-            {
-                "image/id": np.int64(image_id),
-                "image/filename": found[image_id],
-                "image/encoded": b"",
-                "image/size": np.array([h, w], np.int32),
-                **reader.objects_of(image_id, h, w),
-                "captions": list(reader.captions.get(image_id, [])),
-            }
-        )
+            annotations = content["annotations"]
+            for index, ann in enumerate(annotations):
+                annotations[index] = None  # each parsed annotation goes once it is filed
+                if ann is not _DROPPED:
+                    add(path, ann, index)
+            del content, annotations  # one parsed file at a time
+        if shard and reader.listed_images != kept | elsewhere:
+            raise DataError(
+                " + ".join(paths.values()),
+                "the image ids read ahead of the annotations differ from the files' 'images'",
+                "list 'images' before 'annotations' in the files (COCO's order)",
+            )
+        category_map = reader.finish(space)
+        found, missing = _image_files(image_dir(coco_dir, split), reader.images, on_bad_image)
+        if missing:
+            logging.warning(
+                "Skipping %d images whose files are missing, e.g. %s", len(missing), missing[:3]
+            )
+        examples = []
+        for image_id in sorted(found):
+            image = reader.images[image_id]
+            h, w = image.height, image.width
+            examples.append(
+                {
+                    "image/id": np.int64(image_id),
+                    "image/filename": found[image_id],
+                    "image/encoded": b"",
+                    "image/size": np.array([h, w], np.int32),
+                    **reader.pop_objects(image_id, h, w),
+                    "captions": reader.captions.pop(image_id, []),
+                }
+            )
     stats = _stats(examples, reader.stats, len(missing))
-    logging.info("Read %s split %r: %s", coco_dir, split, stats)
+    logging.info(
+        "Read %s split %r (process %d of %d): %s",
+        coco_dir,
+        split,
+        process_index,
+        process_count,
+        stats,
+    )
     return examples, category_map, stats
 
 

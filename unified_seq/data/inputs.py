@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 import tensorflow as tf
+import tensorflow_datasets as tfds
 from absl import logging
 
 from unified_seq import cache, vocab
@@ -134,13 +137,14 @@ def load_tokenizer(
                 space,
                 num_keypoints=int(config.data.num_keypoints),
                 on_bad_image="skip",
+                kinds=("captions",),
             )
             return [c for ex in examples for c in ex["captions"]]
 
         captions = (captions_fn or train_captions)()
         path = trained_tokenizer_path(captions, space.text_vocab_size)
         tokenizer = CaptionTokenizer.load_or_train(path, lambda: captions, space.text_vocab_size)
-        if own:
+        if own and jax.process_index() == 0:  # one writer per run
             tokenizer.save(own)
     if tokenizer.vocab_size > space.text_vocab_size:
         raise ValueError(
@@ -152,9 +156,9 @@ def load_tokenizer(
 
 def _caption_ids(captions: list[list[str]], tokenizer: CaptionTokenizer) -> tf.RaggedTensor:
     """int32 ragged [images, captions, pieces], built from flat arrays (fast on COCO)."""
-    ids = [tokenizer.encode(c) for caps in captions for c in caps]
-    flat = np.fromiter((i for row in ids for i in row), np.int32)
+    ids = tokenizer.encode_batch([c for caps in captions for c in caps])
     piece_lengths = np.array([len(row) for row in ids], np.int64)
+    flat = np.fromiter(itertools.chain.from_iterable(ids), np.int32, int(piece_lengths.sum()))
     caption_counts = np.array([len(caps) for caps in captions], np.int64)
     return tf.RaggedTensor.from_nested_row_lengths(flat, [caption_counts, piece_lengths])
 
@@ -165,8 +169,11 @@ def load_split(
     space: vocab.TokenSpace,
     tokenizer: CaptionTokenizer | None = None,
     workdir: str | None = None,
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
 ) -> SplitData:
-    """Reads one split (`train` or `val`) of the configured source.
+    """Reads one split (`train` or `val`) of the configured source, or one process's share.
 
     Args:
       config: run config; uses the `data` block.
@@ -175,17 +182,24 @@ def load_split(
       tokenizer: caption tokenizer; by default `load_tokenizer` (trained from
         this split's captions when it is the training split and no model exists).
       workdir: the run's folder, where the tokenizer it uses is kept.
+      process_index, process_count: with process_count n > 1, only this
+        process's share of the images is read: for COCO JSON the images
+        `process_index::n` in image-id order (see `coco.load_coco_json`), for
+        tfds an even slice of the split. Do not shard the examples again.
 
     Returns:
-      the split's examples and metadata.
+      the split's examples (this process's share) and metadata; `num_images`,
+      `stats` and `image_files` count this process's images.
     """
     policy = config.data.on_bad_image
     if policy not in BAD_IMAGE_POLICIES:
         raise ValueError(f"config.data.on_bad_image={policy!r}; choose one of {BAD_IMAGE_POLICIES}")
     num_keypoints = int(config.data.num_keypoints)
     if config.data.source == "tfds":
+        if process_count > 1:
+            split = tfds.even_splits(split, n=process_count)[process_index]
         ds, category_map = tfds_source.load_tfds(
-            f"{split}", config.data.tfds_data_dir, space, num_keypoints=num_keypoints
+            split, config.data.tfds_data_dir, space, num_keypoints=num_keypoints
         )
         ds = ds.map(lambda ex: {**ex, "captions/ids": _empty_caption_ids()})
         if policy == "skip":
@@ -193,7 +207,13 @@ def load_split(
         return SplitData(ds, category_map, -1, {}, [], tokenizer)
 
     examples, category_map, stats = coco.load_coco_json(
-        coco_dir(config), split, space, num_keypoints=num_keypoints, on_bad_image=policy
+        coco_dir(config),
+        split,
+        space,
+        num_keypoints=num_keypoints,
+        on_bad_image=policy,
+        process_index=process_index,
+        process_count=process_count,
     )
     files = [ex["image/filename"] for ex in examples]
     if policy == "skip":
@@ -208,7 +228,8 @@ def load_split(
         def split_captions():
             return [c for ex in examples for c in ex["captions"]]
 
-        own = split == config.data.train_split
+        # A tokenizer is trained on the whole split's captions, the same in every process.
+        own = split == config.data.train_split and process_count == 1
         tokenizer = load_tokenizer(config, space, split_captions if own else None, workdir)
     ds = coco.examples_to_dataset(examples, num_keypoints)
     ids = _caption_ids([ex["captions"] for ex in examples], tokenizer)

@@ -29,6 +29,10 @@ AUTOTUNE = tf.data.AUTOTUNE
 def _options(config: Any) -> tf.data.Options:
     options = tf.data.Options()
     options.deterministic = True
+    # A saved iterator holds where it is in the data (and the shuffle buffer of
+    # annotations), not the decoded images in flight: at COCO shapes those are
+    # gigabytes per checkpoint (benchmarks/input_state.py).
+    options.experimental_symbolic_checkpoint = True
     options.experimental_optimization.map_parallelization = True
     threads = int(config.data.get("threads", 0))
     if threads:
@@ -49,28 +53,41 @@ def train_dataset(
 ) -> tf.data.Dataset:
     """Endless batches of augmented, tokenized examples of one task.
 
+    The order of image visits (shuffle, repeat, augmentation seeds) is drawn
+    the same way on every process, over the whole split: it costs only
+    annotations. Process i of n then decodes and augments only the visits
+    that fill its rows of each global batch, so a step's global batch is the
+    same for any number of processes (exactly so when a visit gives one
+    example; tasks that crop every instance of an image give a varying count).
+
     Args:
       task: the task.
       examples: TF examples of the whole split (not sharded).
       labels: the split's category map and tokenizer.
       config: run config (`data` block).
-      batch_size: examples per batch on this process.
-      seed: pipeline seed; the process index is folded in.
-      process_index, process_count: this host's slice of the data.
+      batch_size: examples per batch on this process (the global batch / n).
+      seed: pipeline seed.
+      process_index, process_count: this process's rows of the global batch.
 
     Returns:
       dataset of dicts: `image` float32[B, S, S, 3], `input_seq`,
       `target_seq` int32[B, *task.sequence_shape], `token_weights`, and the
       task's `num_truncated*` counts.
     """
-    ds = examples.shard(process_count, process_index)
-    ds = ds.filter(task.has_training_target)
-    ds = ds.shuffle(int(config.data.shuffle_buffer), seed=seed + 7919 * process_index)
+    ds = examples.filter(task.has_training_target)
+    ds = ds.shuffle(int(config.data.shuffle_buffer), seed=seed)
     ds = ds.repeat()
-    seeds = tf.data.Dataset.random(seed=seed * 1000003 + process_index).batch(2)
+    seeds = tf.data.Dataset.random(seed=seed * 1000003).batch(2)
     ds = tf.data.Dataset.zip(ds, seeds)
+    if process_count > 1:
+        # Visit k fills row k mod (n·B) of a global batch; rows i·B … i·B+B-1 are ours.
+        rows = batch_size * process_count
+        ds = ds.enumerate().filter(lambda k, _: (k % rows) // batch_size == process_index)
+        ds = ds.map(lambda _, visit: visit)
     ds = ds.map(
-        lambda ex, s: task.train_examples(ex, views.decode_image(ex), tf.cast(s, tf.int64), labels),
+        lambda visit, s: task.train_examples(
+            visit, views.decode_image(visit), tf.cast(s, tf.int64), labels
+        ),
         num_parallel_calls=int(config.data.num_parallel_calls),
     )
     # A visit yields one example, or one per instance for tasks that crop.

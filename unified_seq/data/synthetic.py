@@ -27,21 +27,23 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import io
 import json
 import logging
 import os
-import shutil
-import tempfile
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
 import cv2
 import ml_collections
 import numpy as np
+import tensorflow as tf
 from PIL import Image
 from pycocotools import mask as mask_utils
 
 from unified_seq import cache
+from unified_seq.data.coco import absolute_path
 
 # Bump when the generated content changes, so cached sets are rebuilt.
 GENERATOR_VERSION = 1
@@ -544,20 +546,27 @@ def _coco_header() -> dict:
 
 
 def _write_json(path: str, content: dict) -> None:
-    with open(path, "w") as f:
-        json.dump(content, f, separators=(",", ":"))
+    with tf.io.gfile.GFile(path, "w") as f:
+        f.write(json.dumps(content, separators=(",", ":")))
+
+
+def _write_png(path: str, pixels: np.ndarray) -> None:
+    png = io.BytesIO()
+    Image.fromarray(pixels).save(png, format="PNG")
+    with tf.io.gfile.GFile(path, "wb") as f:
+        f.write(png.getvalue())
 
 
 def _write_split(out_dir: str, split: str, seed: int, count: int, first_id: int, size: int) -> None:
     """Renders `count` images of `split` and writes them and their three annotation files."""
     image_dir = os.path.join(out_dir, f"{split}2017")
-    os.makedirs(image_dir, exist_ok=True)
+    tf.io.gfile.makedirs(image_dir)
     images, instances, keypoints, caption_anns = [], [], [], []
     for index in range(count):
         record = make_image(seed, split, index, size)
         image_id = first_id + index
         file_name = f"{image_id:012d}.png"
-        Image.fromarray(record.pixels).save(os.path.join(image_dir, file_name), format="PNG")
+        _write_png(os.path.join(image_dir, file_name), record.pixels)
         images.append(
             {
                 "id": image_id,
@@ -576,7 +585,7 @@ def _write_split(out_dir: str, split: str, seed: int, count: int, first_id: int,
         for k, text in enumerate(captions(record)):
             caption_anns.append({"id": image_id * 100 + k, "image_id": image_id, "caption": text})
     ann_dir = os.path.join(out_dir, "annotations")
-    os.makedirs(ann_dir, exist_ok=True)
+    tf.io.gfile.makedirs(ann_dir)
     header = _coco_header()
     files = {
         "instances": {"annotations": instances, "categories": CATEGORIES},
@@ -601,9 +610,9 @@ def _params(seed: int, num_train: int, num_val: int, image_size: int) -> dict:
 def _is_complete(out_dir: str, params: dict) -> bool:
     """Whether out_dir's marker records exactly `params` (the marker is written last)."""
     try:
-        with open(os.path.join(out_dir, MARKER)) as f:
-            return json.load(f) == params
-    except (OSError, ValueError):
+        with tf.io.gfile.GFile(os.path.join(out_dir, MARKER)) as f:
+            return json.loads(f.read()) == params
+    except (tf.errors.OpError, ValueError):
         return False
 
 
@@ -619,10 +628,10 @@ def generate(
     params = _params(seed, num_train, num_val, image_size)
     if _is_complete(out_dir, params):
         return out_dir
-    os.makedirs(out_dir, exist_ok=True)
+    tf.io.gfile.makedirs(out_dir)
     marker = os.path.join(out_dir, MARKER)
-    if os.path.exists(marker):
-        os.remove(marker)  # a crash below must not leave a stale set looking complete
+    if tf.io.gfile.exists(marker):
+        tf.io.gfile.remove(marker)  # a crash below must not leave a stale set looking complete
     logging.info("Writing synthetic COCO set %s to %s", params, out_dir)
     _write_split(out_dir, "train", seed, num_train, 1, image_size)
     _write_split(out_dir, "val", seed, num_val, num_train + 1, image_size)
@@ -636,7 +645,7 @@ def ensure_synthetic(cfg: ml_collections.ConfigDict | Mapping[str, Any]) -> str:
     cfg: config.data.synthetic (dir, seed, num_train, num_val, image_size).
     An empty cfg.dir means a cache folder named from the parameters under
     $UNIFIED_SEQ_CACHE (default ~/.cache/unified_seq). The set is built in a
-    temporary sibling folder and renamed into place, so processes racing on
+    temporary sibling folder and moved into place, so processes racing on
     the same folder all end up reading one complete copy.
     """
     kwargs = {k: int(cfg[k]) for k in ("seed", "num_train", "num_val", "image_size")}
@@ -645,24 +654,38 @@ def ensure_synthetic(cfg: ml_collections.ConfigDict | Mapping[str, Any]) -> str:
     if not target:
         name = "synthetic-g{generator_version}-s{seed}-n{num_train}-v{num_val}-px{image_size}"
         target = cache.cache_dir(name.format(**params))
-    target = os.path.abspath(target)
+    target = absolute_path(target)
     if _is_complete(target, params):
         return target
-    if os.path.isdir(target) and os.listdir(target):
+    if tf.io.gfile.isdir(target) and tf.io.gfile.listdir(target):
         # A folder of another set (or one the user filled): regenerate in place.
         return generate(target, **kwargs)
     parent, name = os.path.split(target)
-    os.makedirs(parent, exist_ok=True)
-    scratch = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+    scratch = os.path.join(parent, f".{name}.tmp-{uuid.uuid4().hex}")
     try:
         generate(scratch, **kwargs)
-        try:
-            os.rename(scratch, target)
-        except OSError:
-            if not _is_complete(target, params):
-                raise
-            # Another process renamed its copy first; use that one.
+        _move_files(scratch, target)
     finally:
-        if os.path.isdir(scratch):
-            shutil.rmtree(scratch)
+        if tf.io.gfile.isdir(scratch):
+            tf.io.gfile.rmtree(scratch)
     return target
+
+
+def _move_files(src: str, dst: str) -> None:
+    """Moves the files under src to the same places under dst, the marker last.
+
+    File by file, because renaming a folder is not supported by every
+    tf.io.gfile file system (ram:// renames the folder entry alone). Each
+    file's rename is atomic, and a set is a pure function of its parameters:
+    a process that loses a race replaces the winner's files with the same
+    bytes, and readers, who wait for the marker, see complete files only.
+    """
+    for folder, _, names in tf.io.gfile.walk(src):
+        target = os.path.join(dst, folder[len(src) :].lstrip("/"))
+        tf.io.gfile.makedirs(target)
+        for name in names:
+            if folder == src and name == MARKER:
+                continue
+            source = os.path.join(folder, name)
+            tf.io.gfile.rename(source, os.path.join(target, name), overwrite=True)
+    tf.io.gfile.rename(os.path.join(src, MARKER), os.path.join(dst, MARKER), overwrite=True)

@@ -102,7 +102,7 @@ def tfds_to_example(
 
 
 def load_tfds(
-    split: str,
+    split: tfds.typing.SplitArg,
     data_dir: str,
     space: TokenSpace,
     *,
@@ -113,8 +113,8 @@ def load_tfds(
     """Reads `coco/2017` from a prepared tfds data dir.
 
     Args:
-      split: a tfds split string, slices included (`train`, `validation`,
-        `train[0:50%]`).
+      split: a tfds split, slices included (`train`, `validation`,
+        `train[0:50%]`, a part of `tfds.even_splits`).
       data_dir: tfds data dir holding `coco/2017` ("" for tfds's default).
       space: token space (class ids are remapped when COCO's ids do not fit).
       num_keypoints: K of the all-zero `objects/keypoints`.

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unified_seq.models.vit import LN_EPS, Attention, MlpBlock, drop_path
+from unified_seq.models.vit import LN_EPS, Attention, MlpBlock, drop_path, remat
 
 Cache = list[dict[str, jax.Array]]
 embed_init = nn.initializers.truncated_normal(stddev=0.02)
@@ -105,7 +105,23 @@ class DecoderLayer(nn.Module):
         """Image keys and values: float32[B, N, W] → 2 × float32[B, N, H, D]."""
         return self.cross_attn.project_kv(encoded)
 
-    def __call__(
+    def __call__(self, x: jax.Array, encoded: jax.Array, train: bool = False) -> jax.Array:
+        """Teacher forcing: T tokens from position 0, the layer's whole training path.
+
+        Args:
+          x: float32[B, T, W] token states.
+          encoded: float32[B, N, W] image tokens (projected here, so that
+            `remat` recomputes the projection instead of keeping it).
+          train: dropout and drop-path on; positional for `remat`.
+
+        Returns:
+          float32[B, T, W].
+        """
+        cross_k, cross_v = self.cross_kv(encoded)
+        x, _ = self.step(x, cross_k, cross_v, train=train)
+        return x
+
+    def step(
         self,
         x: jax.Array,
         cross_k: jax.Array,
@@ -157,6 +173,9 @@ class Decoder(nn.Module):
       dropout, drop_path: as in the encoder.
       coord_range: (first coordinate token, bins) to start from an ordered
         code (`token_embed_init`), or None for the official normal init.
+      dtype: compute type; parameters and logits stay float32.
+      remat: a `vit.REMAT_POLICIES` name, applied to every layer's teacher
+        forcing (decoding with the cache does not differentiate).
     """
 
     vocab_size: int
@@ -169,6 +188,7 @@ class Decoder(nn.Module):
     drop_path: float = 0.0
     dtype: Any = jnp.float32
     coord_range: tuple[int, int] | None = None
+    remat: str = "none"
 
     def setup(self):
         self.embed = nn.Embed(
@@ -179,8 +199,9 @@ class Decoder(nn.Module):
         )
         self.pos_embed = self.param("pos_embed", embed_init, (self.max_len, self.width))
         self.output_bias = self.param("output_bias", embed_init, (self.vocab_size,))
+        layer = remat(DecoderLayer, self.remat, static_argnums=(3,))
         self.layers = [
-            DecoderLayer(
+            layer(
                 self.width,
                 self.mlp_dim,
                 self.num_heads,
@@ -197,8 +218,18 @@ class Decoder(nn.Module):
         return self.embed(tokens) + pos.astype(self.dtype)
 
     def _logits(self, x: jax.Array) -> jax.Array:
+        """float[B, T, W] → float32[B, T, V], h · Eᵀ + b.
+
+        The product accumulates into float32 whatever the compute type: with
+        bfloat16 the logits (and so the loss) keep float32 precision, and the
+        [B, T, V] array is float32 either way.
+        """
         x = self.ln_out(x)
-        return self.embed.attend(x).astype(jnp.float32) + self.output_bias
+        embedding = self.embed.embedding.astype(self.dtype)
+        logits = jnp.einsum(
+            "btw,vw->btv", x.astype(self.dtype), embedding, preferred_element_type=jnp.float32
+        )
+        return logits + self.output_bias
 
     def __call__(self, tokens: jax.Array, encoded: jax.Array, *, train: bool) -> jax.Array:
         """Teacher-forced logits.
@@ -215,8 +246,7 @@ class Decoder(nn.Module):
             raise ValueError(f"sequence of {tokens.shape[1]} tokens > max_len {self.max_len}")
         x = self._inputs(tokens, 0)
         for layer in self.layers:
-            cross_k, cross_v = layer.cross_kv(encoded)
-            x, _ = layer(x, cross_k, cross_v, train=train)
+            x = layer(x, encoded, train)
         return self._logits(x)
 
     def init_cache(self, encoded: jax.Array, length: int) -> Cache:
@@ -258,6 +288,6 @@ class Decoder(nn.Module):
         x = self._inputs(tokens, index)
         new_cache = []
         for layer, entry in zip(self.layers, cache, strict=True):
-            x, kv = layer(x, entry["cross_k"], entry["cross_v"], cache=entry, index=index)
+            x, kv = layer.step(x, entry["cross_k"], entry["cross_v"], cache=entry, index=index)
             new_cache.append({**entry, **kv})
         return self._logits(x), new_cache

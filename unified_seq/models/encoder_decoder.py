@@ -64,6 +64,8 @@ class EncoderDecoder(nn.Module):
       vocab_size: V, the shared token space.
       max_len: longest decoder sequence (prompt + answer).
       dropout, drop_path: rates used everywhere.
+      dtype: compute type (float32 or bfloat16); parameters and logits stay float32.
+      remat: a `vit.REMAT_POLICIES` name for every encoder block and decoder layer.
     """
 
     encoder_config: dict
@@ -73,15 +75,16 @@ class EncoderDecoder(nn.Module):
     dropout: float = 0.0
     drop_path: float = 0.0
     dtype: Any = jnp.float32
+    remat: str = "none"
 
     def setup(self):
         rates = dict(dropout=self.dropout, drop_path=self.drop_path, dtype=self.dtype)
         enc, dec = self.encoder_config, self.decoder_config
-        self.encoder = Encoder(**enc, **rates)
+        self.encoder = Encoder(**enc, **rates, remat=self.remat)
         # The official bridge MLP keeps the encoder's mlp / width ratio.
         ratio = enc["mlp_dim"] // enc["width"]
         self.bridge = Bridge(dec["width"], ratio * dec["width"], **rates)
-        self.decoder = Decoder(self.vocab_size, self.max_len, **dec, **rates)
+        self.decoder = Decoder(self.vocab_size, self.max_len, **dec, **rates, remat=self.remat)
 
     def encode(self, images: jax.Array, *, train: bool = False) -> jax.Array:
         """float32[B, H, W, 3] in [0, 1] → float32[B, N, d_dec] image tokens."""

@@ -5,6 +5,7 @@
     --config.model.dec_depth=4                          # one size, any variant
     --config.model.stem=conv                            # conv stem (vit.ConvStem)
     --config.model.coord_embed_init=sincos              # ordered coordinate rows
+    --config.model.dtype=bfloat16 --config.model.remat=dots   # memory and speed
     model = build_model(config.model, vocab_size, max_len, coord_range)
 
 Every size field of the config block defaults to None, meaning "the
@@ -21,12 +22,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_dict
 
 from unified_seq.models.decoder import EMBED_INITS
 from unified_seq.models.encoder_decoder import EncoderDecoder
+from unified_seq.models.vit import REMAT_POLICIES
 
 SIZES: dict[str, dict[str, Any]] = {
     "tiny": dict(
@@ -86,6 +89,21 @@ _INT_FIELDS = tuple(k for k in SIZES["tiny"] if k not in ("dropout", "drop_path"
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
+def compute_dtype(name: str) -> str:
+    """`model.dtype` as a `DTYPES` key: "auto" is bfloat16 on accelerators, float32 on CPU.
+
+    CPUs have no fast bfloat16 matmul, and on CPU (tests, the default
+    recipe) float32 keeps results as they were measured.
+    """
+    if name == "auto":
+        return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    if name not in DTYPES:
+        raise ValueError(
+            f"model.dtype {name!r} is unknown; choose one of {[*sorted(DTYPES), 'auto']}"
+        )
+    return name
+
+
 def _check_variant(variant: str) -> dict[str, Any]:
     if variant not in SIZES:
         raise ValueError(f"model.variant {variant!r} is unknown; choose one of {sorted(SIZES)}")
@@ -98,7 +116,10 @@ def model_config(variant: str = "tiny", **overrides: Any) -> ml_collections.Conf
     Args:
       variant: one of `SIZES` (tiny, small, vit-b, vit-l).
       **overrides: size fields (e.g. dec_depth=4), dropout, drop_path, or
-        dtype ("float32" | "bfloat16", the compute type; parameters stay float32),
+        dtype ("float32" | "bfloat16" | "auto": bfloat16 unless JAX runs on CPU;
+        the compute type, parameters, optimizer state, logits and loss stay float32),
+        remat ("none" | "full" | "dots", vit.REMAT_POLICIES: what the backward
+        pass of each encoder block and decoder layer keeps rather than recomputes),
         stem ("patch", the official patch projection, | "conv", vit.ConvStem),
         coord_embed_init ("normal", official, | "sincos": the coordinate rows of
         the token embedding start from an ordered code, decoder.token_embed_init).
@@ -107,6 +128,7 @@ def model_config(variant: str = "tiny", **overrides: Any) -> ml_collections.Conf
     block = {
         "variant": variant,
         "dtype": "float32",
+        "remat": "none",
         "stem": "patch",
         "coord_embed_init": "normal",
     }
@@ -124,11 +146,12 @@ def resolve(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
     """Concrete sizes: the variant's table entry with the config's set fields on top."""
     model_cfg = dict(model_cfg)
     sizes = dict(_check_variant(model_cfg.pop("variant")))
-    dtype = model_cfg.pop("dtype", "float32")
+    dtype = compute_dtype(model_cfg.pop("dtype", "float32"))
+    remat = model_cfg.pop("remat", "none")
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"model.remat {remat!r} is unknown; choose one of {list(REMAT_POLICIES)}")
     stem = model_cfg.pop("stem", "patch")
     coord_init = model_cfg.pop("coord_embed_init", "normal")
-    if dtype not in DTYPES:
-        raise ValueError(f"model.dtype {dtype!r} is unknown; choose one of {sorted(DTYPES)}")
     if coord_init not in EMBED_INITS:
         raise ValueError(
             f"model.coord_embed_init {coord_init!r} is unknown; choose one of {EMBED_INITS}"
@@ -139,6 +162,7 @@ def resolve(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
         if value is not None:
             sizes[key] = value
     sizes["dtype"] = dtype
+    sizes["remat"] = remat
     sizes["stem"] = stem
     sizes["coord_embed_init"] = coord_init
     return sizes
@@ -185,4 +209,5 @@ def build_model(
         dropout=float(s["dropout"]),
         drop_path=float(s["drop_path"]),
         dtype=DTYPES[s["dtype"]],
+        remat=s["remat"],
     )

@@ -126,6 +126,34 @@ class MlpBlock(nn.Module):
         return nn.Dense(width, kernel_init=dense_init, dtype=self.dtype, name="out")(x)
 
 
+# Rematerialisation (`config.model.remat`), applied per encoder block and per
+# decoder layer: what the backward pass keeps of a block's forward pass.
+#   none: everything (fastest, most memory);
+#   full: only the block's inputs, the whole block is recomputed;
+#   dots: the outputs of matmuls without batch dimensions (the dense
+#     projections); attention scores and elementwise ops are recomputed,
+#     which drops the [B, H, N, N] attention maps that dominate at 1600+
+#     image tokens.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def remat(module: type[nn.Module], policy: str, static_argnums: tuple[int, ...]) -> type:
+    """`module`, or its `nn.remat` under the named policy; parameters are the same.
+
+    `static_argnums` counts `self` as 0 and must cover the `train` flag, which
+    Python control flow reads.
+    """
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"model.remat {policy!r} is unknown; choose one of {list(REMAT_POLICIES)}")
+    if policy == "none":
+        return module
+    return nn.remat(module, policy=REMAT_POLICIES[policy], static_argnums=static_argnums)
+
+
 def drop_path(rate: float, name: str | None = None) -> nn.Dropout:
     """Stochastic depth for a float[B, T, W] residual branch.
 
@@ -145,8 +173,8 @@ class EncoderBlock(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        """float32[B, N, W] → float32[B, N, W]."""
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """float32[B, N, W] → float32[B, N, W]; `train` positional for `remat`."""
         skip = drop_path(self.drop_path)
         h = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name="ln_attn")(x)
         h = Attention(self.num_heads, x.shape[-1], self.dtype, name="attn")(h)
@@ -206,6 +234,8 @@ class Encoder(nn.Module):
       width, depth, mlp_dim, num_heads: Transformer sizes.
       dropout: rate on the MLP hidden units.
       drop_path: stochastic-depth rate on every residual branch.
+      dtype: compute type; parameters stay float32.
+      remat: a `REMAT_POLICIES` name, applied to every block.
     """
 
     patch_size: int
@@ -217,6 +247,7 @@ class Encoder(nn.Module):
     drop_path: float = 0.0
     stem: str = "patch"
     dtype: Any = jnp.float32
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
@@ -248,14 +279,15 @@ class Encoder(nn.Module):
         x = x.reshape(b, h * w, self.width)
         x = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name="stem_ln")(x)
         x = x + posemb_sincos_2d(h, w, self.width).astype(x.dtype)
+        block = remat(EncoderBlock, self.remat, static_argnums=(2,))
         for i in range(self.depth):
-            x = EncoderBlock(
+            x = block(
                 self.mlp_dim,
                 self.num_heads,
                 self.dropout,
                 self.drop_path,
                 self.dtype,
                 name=f"block_{i}",
-            )(x, train=train)
+            )(x, train)
         x = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name="ln_out")(x)
         return x.reshape(b, h, w, self.width)
