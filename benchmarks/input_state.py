@@ -15,13 +15,13 @@ both ways and prints the bytes. Writes benchmarks/results/input_state.json.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import tempfile
 import time
 
 import tensorflow as tf
+from bench_config import load_config
 
 from unified_seq import vocab
 from unified_seq.data import inputs, pipeline
@@ -31,12 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def coco_config(batch: int, image_size: int):
-    spec = importlib.util.spec_from_file_location(
-        "coco", os.path.join(ROOT, "configs", "multitask_coco.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(str(image_size))
+    config = load_config(f"{os.path.join(ROOT, 'configs', 'multitask_coco.py')}:{image_size}")
     config.data.source = "synthetic"  # annotations like COCO's, no download
     config.train.batch_size = batch
     return config

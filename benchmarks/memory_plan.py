@@ -18,37 +18,16 @@ benchmarks/results/<--out> (default memory_plan.json).
 from __future__ import annotations
 
 import argparse
-import ast
 import glob
-import importlib.util
 import json
 import os
 import re
 import sys
 import tempfile
 
+from bench_config import load_config, override
+
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
-
-
-def load_config(spec: str):
-    path, _, arg = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location("plan_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg or None)
-
-
-def override(config, assignment: str) -> None:
-    path, _, text = assignment.partition("=")
-    *parents, leaf = path.split(".")
-    node = config
-    for name in parents:
-        node = node[name]
-    try:
-        value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        value = text
-    node[leaf] = value
 
 
 def largest_buffers(dump_dir: str, top: int = 15) -> list[tuple[int, str]]:

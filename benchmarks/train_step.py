@@ -15,40 +15,19 @@ benchmarks/results/<--out> (default train_step.json).
 from __future__ import annotations
 
 import argparse
-import ast
-import importlib.util
 import json
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from bench_config import load_config, override
 from timing import median_seconds
 
 from unified_seq import optim, train, vocab
 from unified_seq.tasks import build_tasks
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
-
-
-def load_config(path: str):
-    spec = importlib.util.spec_from_file_location("bench_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-
-def _override(config, assignment: str) -> None:
-    path, _, text = assignment.partition("=")
-    *parents, leaf = path.split(".")
-    node = config
-    for name in parents:
-        node = node[name]
-    try:
-        value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        value = text
-    node[leaf] = value
 
 
 def _random_batches(config, space: vocab.TokenSpace, rng: np.random.Generator) -> dict:
@@ -76,7 +55,7 @@ def main():
 
     config = load_config(args.config)
     for assignment in args.set:
-        _override(config, assignment)
+        override(config, assignment)
     space = vocab.TokenSpace.from_config(config.vocab)
     model = train.build_model(config, space)
     steps = int(config.train.steps)
