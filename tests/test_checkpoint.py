@@ -38,6 +38,32 @@ def test_state_restores_onto_other_meshes(tmp_path):
     )
 
 
+def test_input_position_of_another_process_count_restarts_the_order(tmp_path, caplog):
+    """A checkpoint written by 2 processes, resumed by 1: the model state restores
+    (orbax, onto any mesh: above) and the input order restarts, with a warning."""
+
+    def iterator():
+        return iter(tf.data.Dataset.range(100).shuffle(10, seed=1))
+
+    ckpt = checkpoint.Checkpointer(str(tmp_path), every=10, keep=2)
+    saved = iterator()
+    next(saved)
+    for i in range(2):
+        path = os.path.join(str(tmp_path), "input", "10", f"process_{i}_of_2")
+        tf.train.Checkpoint(it=saved).write(path)
+    fresh = iterator()
+    with caplog.at_level("WARNING"):
+        assert not ckpt.restore_inputs(10, {"it": fresh})
+    assert "saved by 2 processes and this run has 1" in caplog.text
+    assert int(next(fresh)) == int(next(iterator()))  # from the beginning
+    # Written by this process count, it restores.
+    tf.train.Checkpoint(it=saved).write(ckpt._input_path(20))
+    following = int(next(saved))
+    resumed = iterator()
+    assert ckpt.restore_inputs(20, {"it": resumed})
+    assert int(next(resumed)) == following
+
+
 class _LocalOrbax:
     """Stands in for ocp.CheckpointManager: records the directory it is given and
     keeps the arrays in a local folder (TensorStore has no ram://)."""

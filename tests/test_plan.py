@@ -20,8 +20,8 @@ config.model.update(dict(enc_depth=1, enc_width=32, enc_mlp_dim=64, enc_heads=2,
 config.data.image_size = 64
 config.mesh = "data:4,fsdp:2"
 config.sharding_rules = ".*=fsdp"
-config.train.batch_size = 8
-config.tasks.object_detection.batch_size = 16
+config.train.batch_size = 16
+config.tasks.object_detection.batch_size = 32
 config.train.microbatches = 2
 config.train.plan_steps = 1
 from unified_seq import plan
@@ -50,9 +50,9 @@ def test_plan_reports_consistent_numbers(tmp_path):
 
     assert report["devices"]["count"] == 8 and report["mesh"] == {"data": 4, "fsdp": 2}
     batch = report["batch"]
-    assert batch["object_detection"]["global"] == 16
-    assert batch["object_detection"]["per_process"] == 16
-    assert batch["object_detection"]["per_device"] == 2.0
+    assert batch["object_detection"]["global"] == 32
+    assert batch["object_detection"]["per_process"] == 32
+    assert batch["object_detection"]["per_device"] == 4.0
     assert batch["captioning"]["sequences"] == [2, 32]  # captions per image × length
 
     b = report["bytes_per_device"]
