@@ -23,6 +23,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     image_size = int(arg) if arg else 640
     config = ml_collections.ConfigDict()
     config.seed = 0
+    # A run's workdir or checkpoint to take the first parameters from (fine-tuning).
+    config.init_from = ""
     config.vocab = defaults.vocab_config()
     config.data = defaults.data_config()
     config.data.source = "coco_json"

@@ -37,6 +37,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     del arg
     config = ml_collections.ConfigDict()
     config.seed = 0
+    # A run's workdir or checkpoint to take the first parameters from (fine-tuning).
+    config.init_from = ""
     config.vocab = defaults.vocab_config()
     config.vocab.coord_shift = 200
     config.vocab.bins = 128

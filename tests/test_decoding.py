@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from unified_seq.decoding import MASKED_LOGIT, filter_logits, sample_sequences
+from unified_seq.decoding import MASKED_LOGIT, filter_logits, row_keys, sample_sequences
+from unified_seq.grammar import Grammar
 from unified_seq.models import build_model, model_config
 
 VOCAB = 300
@@ -185,7 +186,7 @@ def test_compiles_once_for_two_calls(setup):
     assert len(traces) == 1
 
 
-def test_token_mask_confines_each_position_and_never_ends(setup):
+def test_periodic_grammar_confines_each_position_and_never_ends(setup):
     model, variables, encoded = setup
     # Even positions may hold tokens 100-109, odd ones 200-204; EOS is nowhere
     # allowed, so even an EOS-loving model runs the full length.
@@ -194,7 +195,8 @@ def test_token_mask_confines_each_position_and_never_ends(setup):
     mask[1, 200:205] = True
     eos_first = _with_eos_bias(variables, 100.0)
     steps = 9
-    out = _sampler(model, max_len=steps, token_mask=mask, logits_range=(0, 5))(
+    grammar = Grammar.periodic(mask)
+    out = _sampler(model, max_len=steps, grammar=grammar, logits_range=(0, 5))(
         eos_first, encoded, _prompts(3, 2), jax.random.key(3)
     )
     tokens = np.asarray(out["tokens"])
@@ -206,21 +208,83 @@ def test_token_mask_confines_each_position_and_never_ends(setup):
     assert np.all(out["token_logprob"] < -50.0)
 
 
-def test_token_mask_greedy_is_argmax_over_allowed_tokens(setup):
+def test_grammar_greedy_is_argmax_over_allowed_tokens(setup):
     model, variables, encoded = setup
     prompts, steps = _prompts(3, 2), 6
     mask = np.zeros((1, VOCAB), bool)
     mask[0, 150:170] = True
-    out = _sampler(model, max_len=steps, greedy=True, token_mask=mask, return_logits=True)(
+    grammar = Grammar.periodic(mask)
+    out = _sampler(model, max_len=steps, greedy=True, grammar=grammar, return_logits=True)(
         variables, encoded, prompts, jax.random.key(0)
     )
     logits = np.asarray(out["logits"])
     np.testing.assert_array_equal(out["tokens"], 150 + logits[..., 150:170].argmax(-1))
 
 
-def test_token_mask_of_the_wrong_width_is_refused(setup):
+def test_grammar_of_another_vocabulary_is_refused(setup):
     model, variables, encoded = setup
-    with pytest.raises(ValueError, match="token_mask must be bool"):
-        _sampler(model, max_len=4, token_mask=np.ones((5, VOCAB + 1), bool))(
+    grammar = Grammar.periodic(np.ones((5, VOCAB + 1), bool))
+    with pytest.raises(ValueError, match="grammar covers 301 tokens"):
+        _sampler(model, max_len=4, grammar=grammar)(
             variables, encoded, _prompts(3, 2), jax.random.key(0)
         )
+
+
+def _pair_grammar():
+    """Pairs (a, b) of tokens 100-109 then 200-209, or a two-token break 50 50, or EOS
+    after a complete pair: a state machine no periodic mask can express."""
+    tokens = np.arange(VOCAB)
+    return Grammar.build(
+        kinds={"a": (tokens >= 100) & (tokens < 110), "b": (tokens >= 200) & (tokens < 210),
+               "brk": tokens == 50, "eos": tokens == 0},
+        transitions={
+            "first": {"a": "second"},
+            "second": {"b": "free"},
+            "free": {"a": "second", "brk": "brk2", "eos": "end"},
+            "brk2": {"brk": "first"},
+            "end": {"eos": "end"},
+        },
+        start="first",
+    )  # fmt: skip
+
+
+def test_stateful_grammar_answers_always_parse(setup):
+    model, variables, encoded = setup
+    grammar = _pair_grammar()
+    # Temperature 3 spreads the mass: every allowed branch gets drawn somewhere.
+    out = _sampler(model, max_len=16, grammar=grammar, temperature=3.0)(
+        variables, jnp.tile(encoded, (8, 1, 1)), jnp.tile(_prompts(3, 2), (8, 1)), jax.random.key(7)
+    )
+    tokens = np.asarray(out["tokens"])
+    for row in tokens:
+        assert grammar.violation(row) is None, row
+    assert (tokens == 50).any()
+    # Rows that ended did so after a complete pair.
+    for row, n in zip(tokens, np.asarray(out["length"]), strict=True):
+        if n < 16:
+            assert 200 <= row[n - 1] < 210
+
+
+def test_grammar_violation_names_the_token():
+    grammar = _pair_grammar()
+    assert grammar.violation([100, 200, 50, 50, 101, 201, 0]) is None
+    assert "token 101 (kind a) at position 3 in state brk2" in grammar.violation(
+        [100, 200, 50, 101]
+    )
+    assert "position 1" in grammar.violation([100, 0])
+
+
+def test_row_keys_make_answers_independent_of_the_batch(setup):
+    model, variables, encoded = setup
+    prompts = _prompts(3, 2)
+    ids = jnp.array([[7, 0], [3, 1], [7, 2]], jnp.uint32)
+    sample = _sampler(model, max_len=10, temperature=2.0)
+    rng = jax.random.key(4)
+    whole = sample(variables, encoded, prompts, row_keys(rng, ids))
+    # Row 2 alone, and rows in reverse order: the same answers per row.
+    alone = sample(variables, encoded[2:], prompts[2:], row_keys(rng, ids[2:]))
+    flipped = sample(variables, encoded[::-1], prompts[::-1], row_keys(rng, ids[::-1]))
+    np.testing.assert_array_equal(alone["tokens"][0], whole["tokens"][2])
+    np.testing.assert_array_equal(flipped["tokens"][::-1], whole["tokens"])
+    # Different identities draw differently (10 tokens at temperature 2).
+    assert not np.array_equal(whole["tokens"][0], whole["tokens"][2])

@@ -406,14 +406,3 @@ def test_raster_order_sorts_objects_top_to_bottom_then_left_to_right():
     cfg.object_order = "sideways"
     with pytest.raises(ValueError, match="object_order"):
         detection.encode(boxes, tf.constant([1, 2, 3]), tf.constant([0, 1]), cfg, SPACE)
-
-
-def test_slot_token_mask_rows():
-    space = vocab.TokenSpace(coord_shift=200, bins=128, text_shift=328, text_vocab_size=256)
-    mask = detection.slot_token_mask(space)
-    assert mask.shape == (detection.TOKENS_PER_OBJECT, space.vocab_size)
-    for row in mask[:4]:
-        np.testing.assert_array_equal(np.flatnonzero(row), np.arange(200, 328))
-    expected = np.concatenate([[vocab.FAKE_CLASS], np.arange(vocab.CLASS_SHIFT, 200)])
-    np.testing.assert_array_equal(np.flatnonzero(mask[4]), expected)
-    assert not mask[:, vocab.EOS].any()

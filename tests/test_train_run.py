@@ -12,6 +12,7 @@ import pytest
 from unified_seq import defaults, evaluate, train
 from unified_seq.data import synthetic
 from unified_seq.models import sizes
+from unified_seq.predictor import Predictor
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +114,7 @@ def test_decode_all_objects_fills_every_slot(data_dir):
     model = train.build_model(config, space)
     images = np.zeros([2, 64, 64, 3], np.float32)
     params = model.init(jax.random.key(0), images, np.zeros([2, 4], np.int32))["params"]
-    predictor = evaluate.Predictor(model, params)
+    predictor = Predictor(model, params)
     task = build_tasks(config)["object_detection"]
     data = inputs.load_split(config, "val", space)
     batch = next(evaluate.eval_batches(task, data, config))
@@ -121,7 +122,7 @@ def test_decode_all_objects_fills_every_slot(data_dir):
     np.testing.assert_array_equal(batch["prompt"], [[vocab.TASK_PROMPTS["object_detection"]]] * n)
     res = predictor.sample(task, batch, jax.random.key(1))
     # Untrained, the model would end or break the object list anywhere; with
-    # the slot mask every image gets max_instances well-formed objects.
+    # the answer grammar every image gets max_instances well-formed objects.
     slots = res["tokens"][:, : 5 * det.max_instances].reshape(n, -1, 5)
     assert np.all(space.is_coord(slots[..., :4]))
     assert np.all(space.is_class(slots[..., 4]) | (slots[..., 4] == vocab.FAKE_CLASS))

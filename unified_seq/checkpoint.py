@@ -10,6 +10,10 @@ The state restores onto any mesh or device count: orbax reads each array into
 the shardings of the run that restores. The input position belongs to one
 process count; a run with another count restarts the input order (warned).
 Paths may be local or `gs://`; they are never made absolute or local.
+
+Prediction, export and fine-tuning read only the parameters of a saved
+state (`locate`, `params_shapes`, `restore_params`), never its optimizer
+state.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import jax
 import orbax.checkpoint as ocp
 import tensorflow as tf
 from absl import logging
+
+STATE_ITEM = "default"  # the folder orbax's CheckpointManager gives its one item
 
 
 class Checkpointer:
@@ -104,3 +110,72 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _steps(folder: str) -> list[int]:
+    if not tf.io.gfile.isdir(folder):
+        return []
+    names = (n.rstrip("/") for n in tf.io.gfile.listdir(folder))
+    return sorted(
+        int(n)
+        for n in names
+        if n.isdigit() and tf.io.gfile.exists(os.path.join(folder, n, STATE_ITEM))
+    )
+
+
+def locate(path: str, step: int | None = None) -> tuple[str, int]:
+    """The saved state at `path`: its orbax item folder and its step.
+
+    Args:
+      path: a run's workdir, its `checkpoints/` or `checkpoints/state/`
+        folder, or one step's folder (`.../state/4600`); local or gs://.
+      step: which step; None: the step folder given, else the latest.
+
+    Raises:
+      FileNotFoundError: nothing saved there, or not that step (the message
+        lists the steps that are).
+    """
+    path = path.rstrip("/")
+    tail = os.path.basename(path)
+    if tail.isdigit() and tf.io.gfile.exists(os.path.join(path, STATE_ITEM)):
+        if step is not None and step != int(tail):
+            raise FileNotFoundError(f"{path} is step {tail}, not the step {step} asked for")
+        return os.path.join(path, STATE_ITEM), int(tail)
+    for folder in (os.path.join(path, "checkpoints", "state"), os.path.join(path, "state"), path):
+        steps = _steps(folder)
+        if not steps:
+            continue
+        chosen = steps[-1] if step is None else int(step)
+        if chosen not in steps:
+            raise FileNotFoundError(f"no checkpoint of step {step} in {folder}; saved: {steps}")
+        return os.path.join(folder, str(chosen), STATE_ITEM), chosen
+    raise FileNotFoundError(
+        f"no checkpoint under {path}: expected a run's workdir (with checkpoints/state/<step>/), "
+        "its checkpoints folder, or one step's folder"
+    )
+
+
+def params_shapes(item: str) -> Any:
+    """Shapes and dtypes (jax.ShapeDtypeStruct) of the parameters saved in `item`."""
+    tree = ocp.PyTreeCheckpointer().metadata(item).item_metadata.tree
+    if "params" not in tree:
+        raise ValueError(
+            f"{item} holds no `params` (keys: {sorted(tree)}): not a unified_seq state"
+        )
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), tree["params"])
+
+
+def restore_params(item: str, abstract_params: Any) -> Any:
+    """Reads only the parameters of a saved state (no optimizer state, no step).
+
+    Args:
+      item: an item folder from `locate`.
+      abstract_params: jax.ShapeDtypeStruct tree with the shardings to
+        restore into (their shapes must be the saved ones).
+    """
+    target = {"params": abstract_params}
+    restore_args = jax.tree.map(
+        lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, dtype=a.dtype), target
+    )
+    args = ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
+    return ocp.PyTreeCheckpointer().restore(item, args=args)["params"]

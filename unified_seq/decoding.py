@@ -10,12 +10,17 @@ decoder's key/value cache, then one token per loop iteration; the loop stops
 as soon as every sequence has emitted EOS, or after `max_len` answer tokens.
 A sequence that has finished emits padding (0) from then on.
 
-`token_mask` restricts what may be sampled at each answer position, with a
-period: a detection answer is object slots of five tokens, so a [5, V] mask
-confines slot positions 0–3 to coordinate tokens and position 4 to classes;
-leaving EOS out of every row decodes the full length, as the official code
-does. Scores (`token_logprob`, `range_probs`) still come from the raw logits,
+`grammar` (grammar.py) restricts what may be sampled next: each sequence
+carries the state of the task's answer automaton, and tokens the state does
+not allow are masked before sampling (a detection answer: four coordinates,
+then a class, per object; a polygon: coordinate pairs, then a separator or
+EOS). Scores (`token_logprob`, `range_probs`) still come from the raw logits,
 so a class's probability keeps the mass the model gave to other tokens.
+
+`rng` is one key for the batch, or one key per row (`row_keys`): with a key
+per row, a row's answer depends only on its key and its own inputs, not on
+which batch it shares or its place in it, so evaluation and prediction
+batched differently draw the same answers.
 
 Several samples per image (`num_samples`, e.g. 8 polygons per instance): the
 caller repeats `encoded` and `prompts` along the batch axis,
@@ -25,12 +30,14 @@ samples of example b.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from unified_seq.grammar import Grammar
 from unified_seq.vocab import EOS, PADDING
 
 # Masked logits stay finite (as in the official code) so softmax never sees NaN.
@@ -82,6 +89,21 @@ def next_token(
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
+def row_keys(rng: jax.Array, ids: jax.Array) -> jax.Array:
+    """One key per row from uint32[B, C] identities: fold_in of each column in turn.
+
+    Rows with equal identities get equal keys, whatever batch they are in.
+    """
+
+    def one(row):
+        key = rng
+        for c in range(ids.shape[1]):
+            key = jax.random.fold_in(key, row[c])
+        return key
+
+    return jax.vmap(one)(ids)
+
+
 def sample_sequences(
     model: nn.Module,
     variables: Any,
@@ -97,7 +119,7 @@ def sample_sequences(
     eos: int = EOS,
     logits_range: tuple[int, int] | None = None,
     return_logits: bool = False,
-    token_mask: Any = None,
+    grammar: Grammar | None = None,
 ) -> dict[str, jax.Array]:
     """Samples answers after fixed prompts with the decoder's key/value cache.
 
@@ -110,7 +132,8 @@ def sample_sequences(
       variables: its variables ({"params": ...}).
       encoded: float32[B, N, d] from `model.encode`.
       prompts: int32[B, P], P ≥ 1.
-      rng: PRNG key; step i uses fold_in(rng, i).
+      rng: a PRNG key, or keys[B] one per row (`row_keys`); step i draws
+        with fold_in(key, i).
       max_len: most answer tokens to generate (EOS included); P + max_len - 1
         must fit the decoder's max_len.
       temperature, top_k, top_p: see `filter_logits`; applied in that order.
@@ -119,8 +142,7 @@ def sample_sequences(
       logits_range: (lo, hi) to also return the softmax over the whole
         vocabulary at each step, sliced to tokens [lo, hi) (not renormalised).
       return_logits: also return the raw logits at each step.
-      token_mask: bool[P, V] or None; answer token i may only be a token
-        with `token_mask[i % P]` set (a row must allow at least one token).
+      grammar: the answers' grammar (grammar.py), or None for any token.
 
     Returns:
       tokens: int32[B, max_len] answers; EOS, then padding (0).
@@ -157,12 +179,20 @@ def sample_sequences(
         state["range_probs"] = jnp.zeros((batch, max_len, hi - lo), jnp.float32)
     if return_logits:
         state["logits"] = jnp.zeros((batch, max_len, model.vocab_size), jnp.float32)
-    if token_mask is not None:
-        token_mask = jnp.asarray(token_mask, bool)
-        if token_mask.ndim != 2 or token_mask.shape[1] != model.vocab_size:
+    if grammar is not None:
+        if grammar.vocab_size != model.vocab_size:
             raise ValueError(
-                f"token_mask must be bool[P, {model.vocab_size}], got shape {token_mask.shape}"
+                f"the grammar covers {grammar.vocab_size} tokens, the model's vocabulary "
+                f"{model.vocab_size}"
             )
+        kinds = jnp.asarray(grammar.kinds)
+        kind_allowed = jnp.asarray(grammar.allowed)
+        kind_next = jnp.asarray(grammar.next_state)
+        state["grammar"] = jnp.full((batch,), grammar.start, jnp.int32)
+    per_row = jnp.ndim(rng) == 1
+    draw = functools.partial(
+        next_token, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy
+    )
 
     def cond(s):
         return (s["step"] < max_len) & ~jnp.all(s["done"])
@@ -174,16 +204,15 @@ def sample_sequences(
         )
         logits = logits[:, 0]
         allowed = logits
-        if token_mask is not None:
-            allowed = jnp.where(token_mask[i % token_mask.shape[0]], logits, MASKED_LOGIT)
-        sampled = next_token(
-            jax.random.fold_in(rng, i),
-            allowed,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            greedy=greedy,
-        )
+        if grammar is not None:
+            # The kinds each row's state allows, spread over the vocabulary.
+            mask = kind_allowed[s["grammar"]][:, jnp.maximum(kinds, 0)] & (kinds >= 0)
+            allowed = jnp.where(mask, logits, MASKED_LOGIT)
+        if per_row:
+            keys = jax.vmap(jax.random.fold_in, (0, None))(rng, i)
+            sampled = jax.vmap(draw)(keys, allowed)
+        else:
+            sampled = draw(jax.random.fold_in(rng, i), allowed)
         token = jnp.where(s["done"], PADDING, sampled)
         log_probs = jax.nn.log_softmax(logits, axis=-1)
         logprob = jnp.take_along_axis(log_probs, token[:, None], axis=-1)[:, 0]
@@ -197,6 +226,8 @@ def sample_sequences(
             "tokens": s["tokens"].at[:, i].set(token),
             "token_logprob": s["token_logprob"].at[:, i].set(jnp.where(s["done"], 0.0, logprob)),
         }
+        if grammar is not None:
+            new["grammar"] = kind_next[s["grammar"], jnp.maximum(kinds[token], 0)]
         if logits_range is not None:
             probs = jnp.exp(log_probs[:, lo:hi])
             probs = jnp.where(s["done"][:, None], 0.0, probs)
@@ -206,6 +237,6 @@ def sample_sequences(
         return new
 
     final = jax.lax.while_loop(cond, body, state)
-    out = {k: v for k, v in final.items() if k not in ("step", "last", "cache")}
+    out = {k: v for k, v in final.items() if k not in ("step", "last", "cache", "grammar")}
     out["num_steps"] = final["step"]
     return out

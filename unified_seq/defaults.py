@@ -67,6 +67,8 @@ def task_configs() -> ml_collections.ConfigDict:
         "temperature": 1.0,
         "top_k": 0,
         "batch_size": 0,  # global batch in batch mixing; 0 = train.batch_size
+        # Sample answers under the task's grammar (only tokens it can read back).
+        "constrained": True,
     }
     return ml_collections.ConfigDict(
         {

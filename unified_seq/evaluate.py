@@ -1,7 +1,7 @@
 """Evaluation: sample every task's answers, turn them into results, score them.
 
 For each configured task (tasks/task.py): its evaluation examples go through
-the model in batches (`Predictor`, with the task's sampler options), the
+the model in batches (`predictor.Predictor`, with the task's sampler options), the
 task turns the sampled tokens into COCO-format results and scores them
 against the split's ground truth. Tasks that give boxes (detection) run
 first; with `eval.prompt_boxes=detections`, tasks that take boxes
@@ -14,7 +14,6 @@ dataset category ids) and `WORKDIR/eval_results.json` (DESIGN §7).
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import time
@@ -22,97 +21,21 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import tensorflow as tf
 from absl import logging
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh
 
-from unified_seq import coco_metrics, decoding, sharding, vocab
+from unified_seq import coco_metrics, sharding, vocab
 from unified_seq.data import inputs, pipeline
+from unified_seq.predictor import Predictor, sampling_seed, task_key
 from unified_seq.tasks import build_tasks
 from unified_seq.tasks.task import Task
 
 PROMPT_BOXES = ("gt", "detections")
 
-# (task, batch, rng) → sampled answers of the batch (decoding.sample_sequences outputs).
+# (task, batch, task key) → sampled answers of the batch (Predictor.sample).
 SampleFn = Callable[[Task, dict[str, np.ndarray], jax.Array], dict[str, np.ndarray]]
-
-
-class Predictor:
-    """Jitted encoding and cached sampling, data-parallel over a device mesh.
-
-    One compile per task. Each process passes its own batch; the rows are
-    split over every device of the mesh (parameters keep their own sharding,
-    replicated or split across hosts) and each process gets back the answers
-    of its own rows.
-
-    Args:
-      model: the EncoderDecoder.
-      params: its parameters.
-      mesh: devices to decode on; default: every device, data parallel.
-    """
-
-    def __init__(self, model: Any, params: Any, mesh: Mesh | None = None):
-        self.model = model
-        self.variables = {"params": params}
-        self.mesh = mesh if mesh is not None else sharding.make_mesh([("data", -1)])
-        self._samplers: dict[str, Any] = {}
-
-    @property
-    def rows_multiple(self) -> int:
-        """A process's batch must be a multiple of this: its devices on the mesh."""
-        return max(1, self.mesh.devices.size // jax.process_count())
-
-    def _sampler(self, task: Task):
-        if task.name not in self._samplers:
-            opts = task.sampler_options()
-            sample = functools.partial(
-                decoding.sample_sequences,
-                self.model,
-                max_len=opts.max_len,
-                temperature=opts.temperature,
-                top_k=opts.top_k,
-                top_p=opts.top_p,
-                logits_range=opts.logits_range,
-                return_logits=opts.return_logits,
-                token_mask=opts.token_mask,
-            )
-
-            def run(variables, images, prompts, rng):
-                encoded = self.model.apply(variables, images, method=self.model.encode)
-                if opts.num_samples > 1:
-                    # Sample s of example b is row b·S + s: it stays on b's device.
-                    encoded = jnp.repeat(encoded, opts.num_samples, axis=0)
-                    prompts = jnp.repeat(prompts, opts.num_samples, axis=0)
-                out = sample(variables, encoded, prompts, rng)
-                out.pop("num_steps")
-                return out
-
-            self._samplers[task.name] = jax.jit(
-                run, out_shardings=sharding.batch_sharding(self.mesh)
-            )
-        return self._samplers[task.name]
-
-    def sample(self, task: Task, batch: dict[str, np.ndarray], rng: jax.Array) -> dict:
-        """`SampleFn`: answers for this process's images and prompts; rows b·S … b·S+S-1
-        are the S samples of example b. Every process calls it together."""
-        n = len(batch["image"])
-        if n % self.rows_multiple:
-            raise ValueError(
-                f"an evaluation batch of {n} rows per process does not split over this "
-                f"process's {self.rows_multiple} devices; see eval.batch_size"
-            )
-        local = {"image": batch["image"], "prompt": np.asarray(batch["prompt"], np.int32)}
-        global_batch = sharding.to_global(local, self.mesh)
-        out = self._sampler(task)(
-            self.variables, global_batch["image"], global_batch["prompt"], rng
-        )
-        local_out = multihost_utils.global_array_to_host_local_array(
-            out, self.mesh, sharding.batch_sharding(self.mesh).spec
-        )
-        return jax.device_get(local_out)
 
 
 def eval_batch_size(config: Any, rows_multiple: int = 1) -> int:
@@ -216,17 +139,16 @@ def task_results(
 
     `rows_multiple`: a process's batch must be a multiple of it (its devices).
     """
-    per_example = task.sampler_options().num_samples
+    per_example = task.sampler_options(data).num_samples
     size = eval_batch_size(config, rows_multiple)
     results = []
     batches = eval_batches(task, data, config, detections, batch_size=size)
-    for k, batch in enumerate(_in_step(batches)):
-        key = jax.random.fold_in(rng, k)
+    for batch in _in_step(batches):
         if batch is None:
-            sample(task, _filler(task, config, size), key)
+            sample(task, _filler(task, config, size), rng)
             continue
         n = len(batch["image"])
-        samples = sample(task, _padded(batch, size), key)
+        samples = sample(task, _padded(batch, size), rng)
         results += task.results(batch, _trimmed(samples, n * per_example), data)
     return _gather(results)
 
@@ -268,7 +190,7 @@ def evaluate_tasks(
     data: inputs.SplitData,
     config: Any,
     sample: SampleFn,
-    rng: jax.Array,
+    seed: int,
     workdir: str | None = None,
     rows_multiple: int = 1,
 ) -> dict[str, Any]:
@@ -282,7 +204,7 @@ def evaluate_tasks(
       data: the evaluation split.
       config: run config (`eval`, `data` blocks).
       sample: draws the answers of a batch (`Predictor.sample`).
-      rng: base key; task t samples with fold_in(rng, its prompt token).
+      seed: task t samples with `predictor.task_key(seed, t)`.
       workdir: where process 0 writes `<task>_results.json`; None: nowhere.
       rows_multiple: a process's batch must be a multiple of this
         (`Predictor.rows_multiple`).
@@ -306,8 +228,9 @@ def evaluate_tasks(
         task = tasks[name]
         tic = time.perf_counter()
         prompts = detections if task.takes_boxes and use_detections else None
-        key = jax.random.fold_in(rng, task.prompt_token)
-        results = task_results(task, data, config, sample, key, prompts, rows_multiple)
+        results = task_results(
+            task, data, config, sample, task_key(seed, task), prompts, rows_multiple
+        )
         if task.gives_boxes and detections is None:
             detections = detections_by_image(results, data.category_map)
         if workdir is not None and jax.process_index() == 0:
@@ -328,12 +251,12 @@ def evaluate(config: Any, workdir: str, params: Any, model: Any, step: int) -> d
     tasks = build_tasks(config)
     space = vocab.TokenSpace.from_config(config.vocab)
     data = inputs.load_split(config, config.data.eval_split, space, workdir=workdir)
-    predictor = Predictor(model, params, sharding.mesh_from_config(config))
+    predictor = Predictor(model, params, sharding.mesh_from_config(config), labels=data)
     tic = time.perf_counter()
-    rng = jax.random.key(int(config.seed) + 1)
     scores = evaluate_tasks(
-        tasks, data, config, predictor.sample, rng, workdir, predictor.rows_multiple
-    )
+        tasks, data, config, predictor.sample, sampling_seed(config), workdir,
+        predictor.rows_multiple,
+    )  # fmt: skip
     report: dict[str, Any] = {"step": int(step), **scores}
     report["seconds"] = round(time.perf_counter() - tic, 1)
     if jax.process_index() == 0:

@@ -26,7 +26,7 @@ import optax
 from absl import logging
 from clu import metric_writers
 
-from unified_seq import checkpoint, evaluate, optim, sharding, vocab
+from unified_seq import checkpoint, evaluate, init_from, optim, sharding, vocab
 from unified_seq.data import inputs, pipeline
 from unified_seq.models import sizes
 from unified_seq.tasks import build_tasks
@@ -442,7 +442,8 @@ def train(
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
     logging.info("Model %s: %.2fM parameters", config.model.variant, n_params / 1e6)
 
-    # --- Checkpoint: resume from the latest step in the workdir.
+    # --- Checkpoint: resume from the latest step in the workdir, else start from
+    # config.init_from's parameters if set.
     ckpt = checkpoint.Checkpointer(
         os.path.join(workdir, "checkpoints"),
         every=int(config.train.checkpoint_every),
@@ -454,6 +455,14 @@ def train(
         state = ckpt.restore(start, state)
         ckpt.restore_inputs(start, feed.iterators)
         logging.info("Resumed from step %d", start)
+        if config.get("init_from"):
+            logging.info("config.init_from=%s ignored: resuming this run", config.init_from)
+    elif config.get("init_from"):
+        # Parameters only: the step stays 0 and the optimizer state is made for
+        # the loaded values (adamw's depends only on shapes, others may not).
+        params = init_from.load_initial_params(config.init_from, state.params, config)
+        opt_state = jax.jit(optimizer.init, out_shardings=state_shardings.opt_state)(params)
+        state = state.replace(params=params, opt_state=opt_state)
 
     # --- The update step.
     step_fn = make_train_step(

@@ -102,6 +102,68 @@ def draw(
     return pic
 
 
+def _keypoints_yx(flat: Sequence[float]) -> np.ndarray:
+    """COCO's flat [x, y, v] * K → float32[K, 3] (y, x, v)."""
+    xyv = np.asarray(flat, np.float32).reshape(-1, 3)
+    return xyv[:, [1, 0, 2]]
+
+
+def draw_prediction(image: np.ndarray, record: dict, min_score: float = 0.3) -> Image.Image:
+    """A prediction record (prediction.py) drawn on its image, at the image's size.
+
+    Objects scored below `min_score` are left out (the record keeps them: AP
+    counts low-score detections, people looking at a picture do not). Boxes
+    carry their category and score; masks are blended in; keypoints are
+    drawn as skeletons; the caption is written over the image's bottom edge
+    on a dark band, so the picture keeps the image's size.
+    """
+    # Local: pycocotools is only needed when there are masks to draw.
+    from pycocotools import mask as mask_utils
+
+    objects = [o for o in record.get("objects", []) if o.get("score", 1.0) >= min_score]
+    boxes = np.array(
+        [[o["bbox"][1], o["bbox"][0], o["bbox"][1] + o["bbox"][3], o["bbox"][0] + o["bbox"][2]]
+         for o in objects], np.float32,
+    ).reshape(-1, 4)  # fmt: skip
+    labels = [f"{o.get('category', o['category_id'])} {o.get('score', 1.0):.2f}" for o in objects]
+    masks, people = [], []
+    for o in objects:
+        for value in o.values():
+            if not isinstance(value, dict):
+                continue
+            if "segmentation" in value:
+                rle = dict(value["segmentation"])
+                if isinstance(rle["counts"], str):
+                    rle["counts"] = rle["counts"].encode("ascii")
+                masks.append(mask_utils.decode(rle))
+            if "keypoints" in value:
+                people.append(_keypoints_yx(value["keypoints"]))
+    picture = draw(
+        image,
+        boxes,
+        labels,
+        classes=[o["category_id"] for o in objects],
+        masks=masks or None,
+        keypoints=np.stack(people) if people else None,
+    )
+    caption = next(
+        (v["caption"] for v in record.values() if isinstance(v, dict) and "caption" in v), None
+    )
+    if caption:
+        _write_over(picture, caption)
+    return picture
+
+
+def _write_over(picture: Image.Image, text: str) -> None:
+    """Writes `text` on a dark band along the picture's bottom edge."""
+    pen = ImageDraw.Draw(picture, "RGBA")
+    left, top, right, bottom = pen.textbbox((0, 0), text)
+    height = bottom - top + 4
+    y = max(0, picture.height - height)
+    pen.rectangle([0, y, picture.width, picture.height], fill=(0, 0, 0, 150))
+    pen.text((2, y + 2 - top), text, fill=(255, 255, 255, 255))
+
+
 def grid(pictures: Sequence[Image.Image], columns: int = 4) -> Image.Image:
     """Tiles pictures row by row on a white sheet."""
     if not pictures:

@@ -8,6 +8,9 @@ During training half of the answer's *input* tokens are replaced by the fake
 text token 30 (official `input_seq_drop_rate` 0.5), so the decoder cannot just
 copy the previous word; the targets keep the true pieces. Unlike the official
 code the prompt is never dropped, and the padding after EOS is never trained.
+
+Answers are sampled under a grammar (`answer_grammar`): at least one text
+piece the tokenizer can write (no control or unknown piece), then EOS.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from ml_collections import ConfigDict
 
 from unified_seq import caption_metrics, visualize, vocab
 from unified_seq.data import transforms, views
+from unified_seq.grammar import Grammar
 from unified_seq.tasks.sequence import build_sequences
 from unified_seq.tasks.task import Labels, Task, Truth, one_example
 from unified_seq.tasks.tokenizer import CaptionTokenizer
@@ -127,6 +131,29 @@ def decode(tokens: np.ndarray, tokenizer: CaptionTokenizer, space: vocab.TokenSp
     return tokenizer.decode(text.tolist())
 
 
+def answer_grammar(space: vocab.TokenSpace, tokenizer: CaptionTokenizer | None) -> Grammar:
+    """One or more text pieces, then EOS.
+
+    With a tokenizer only its text pieces are allowed (the text range is
+    usually wider than the tokenizer); without one, the whole text range.
+    """
+    tokens = np.arange(space.vocab_size)
+    if tokenizer is None:
+        text = space.is_text(tokens)
+    else:
+        text = np.zeros([space.vocab_size], bool)
+        text[space.text_shift + tokenizer.text_piece_ids()] = True
+    return Grammar.build(
+        kinds={"text": text, "eos": tokens == vocab.EOS},
+        transitions={
+            "first": {"text": "more"},
+            "more": {"text": "more", "eos": "end"},
+            "end": {"eos": "end"},
+        },
+        start="first",
+    )
+
+
 def to_coco_results(text: str, image_id: int) -> dict:
     """One COCO caption result."""
     return {"image_id": int(image_id), "caption": text}
@@ -166,6 +193,9 @@ class Captioning(Task):
         del labels
         view = views.eval_image(example, image, self.run.image_size, self.run.pad_value)
         return one_example({**view, "prompt": tf.constant([PROMPT_TOKEN], tf.int32)})
+
+    def answer_grammar(self, labels: Labels | None) -> Grammar:
+        return answer_grammar(self.space, labels.tokenizer if labels is not None else None)
 
     def results(self, batch: dict, samples: dict, labels: Labels) -> list[dict]:
         return [

@@ -18,14 +18,15 @@ vocabulary restricted to the class range, and its score that probability (not
 renormalised, so fake-class mass counts against it); with `drop_fake`,
 objects whose sampled class token is the fake class are dropped.
 
-`decode_all_objects` fills every one of the `max_instances` slots, as the
-official decoder (which always runs the full length) does: EOS is never
-sampled, coordinate positions may only hold coordinate tokens and class
-positions only class tokens or the fake class (`slot_token_mask`). The
-model's extra guesses become low-score detections, which raise recall and
-cost little precision under AP's ranking. Without the constraint a small
-model drifts into malformed slots (fake tokens where coordinates belong)
-and the object list ends there.
+Answers are sampled under a grammar (`answer_grammar`): coordinate
+positions may only hold coordinate tokens and class positions only class
+tokens or the fake class; EOS may come only where an object would start.
+Without it a small model drifts into malformed slots (fake tokens where
+coordinates belong) and the object list ends there. `decode_all_objects`
+also rules EOS out, filling every one of the `max_instances` slots as the
+official decoder (which always runs the full length) does: the model's extra
+guesses become low-score detections, which raise recall and cost little
+precision under AP's ranking.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from ml_collections import ConfigDict
 from unified_seq import coco_metrics, visualize, vocab
 from unified_seq.data import transforms, views
 from unified_seq.frame import boxes_to_pixels
+from unified_seq.grammar import Grammar
 from unified_seq.tasks.sequence import build_sequences
 from unified_seq.tasks.task import Labels, SamplerOptions, Task, Truth, one_example
 
@@ -59,15 +61,36 @@ def sequence_length(cfg: ConfigDict) -> int:
     return 1 + TOKENS_PER_OBJECT * int(cfg.max_instances)
 
 
-def slot_token_mask(space: vocab.TokenSpace) -> np.ndarray:
-    """Tokens allowed at each position of an object slot, bool[5, vocab_size].
-
-    Rows 0–3 (ymin xmin ymax xmax) allow the coordinate tokens, row 4 the
-    class range and the fake class; no row allows EOS.
-    """
+def answer_grammar(
+    space: vocab.TokenSpace, allow_eos: bool = True, class_ids: Any = None
+) -> Grammar:
+    """Objects of four coordinate tokens and a class token (a class or the fake
+    class); EOS only where an object would start, and not at all without
+    `allow_eos`. `class_ids`: the data set's classes (the class range is
+    wider than any data set); None: the whole class range."""
     tokens = np.arange(space.vocab_size)
-    classes = space.is_class(tokens) | (tokens == vocab.FAKE_CLASS)
-    return np.stack([space.is_coord(tokens)] * 4 + [classes])
+    classes = space.is_class(tokens)
+    if class_ids is not None:
+        classes &= np.isin(tokens - vocab.CLASS_SHIFT, np.asarray(class_ids))
+    slot = {"coord": "x0"}
+    if allow_eos:
+        slot["eos"] = "end"
+    return Grammar.build(
+        kinds={
+            "coord": space.is_coord(tokens),
+            "class": classes | (tokens == vocab.FAKE_CLASS),
+            "eos": tokens == vocab.EOS,
+        },
+        transitions={
+            "y0": slot,
+            "x0": {"coord": "y1"},
+            "y1": {"coord": "x1"},
+            "x1": {"coord": "class"},
+            "class": {"class": "y0"},
+            "end": {"eos": "end"},
+        },
+        start="y0",
+    )
 
 
 def check_config(cfg: ConfigDict) -> None:
@@ -284,6 +307,7 @@ def decode(
     frame: np.ndarray,
     space: vocab.TokenSpace,
     cfg: ConfigDict,
+    class_ids: Any = None,
 ) -> dict[str, np.ndarray]:
     """Detections from generated answer tokens.
 
@@ -299,6 +323,9 @@ def decode(
       frame: float32[4] frame of the canvas (pixel = c * scale + offset).
       space: token space.
       cfg: the `object_detection` task config (drop_fake).
+      class_ids: the data set's class ids: an object's class is the most
+        likely of them (other classes have no category to be scored
+        under); None: the most likely of the whole class range.
 
     Returns:
       `boxes` float32[M, 4] (ymin, xmin, ymax, xmax) in original-image
@@ -318,6 +345,10 @@ def decode(
     else:
         class_positions = np.arange(count) * TOKENS_PER_OBJECT + 4
         probs = class_range_probs(np.asarray(logits)[class_positions], space)
+        if class_ids is not None:
+            known = np.zeros([probs.shape[-1]], bool)
+            known[np.asarray(class_ids)] = True
+            probs = np.where(known, probs, -1.0)
         # Index in the class range = class id, as the range starts at CLASS_SHIFT.
         classes = np.argmax(probs, axis=-1)
         scores = probs[np.arange(count), classes]
@@ -421,28 +452,34 @@ class ObjectDetection(Task):
         view = views.eval_image(example, image, self.run.image_size, self.run.pad_value)
         return one_example({**view, "prompt": tf.constant([PROMPT_TOKEN], tf.int32)})
 
-    def sampler_options(self) -> SamplerOptions:
-        mask = slot_token_mask(self.space) if self.cfg.decode_all_objects else None
+    def answer_grammar(self, labels: Labels | None) -> Grammar:
+        class_ids = labels.category_map.class_ids if labels is not None else None
+        return answer_grammar(self.space, not self.cfg.decode_all_objects, class_ids)
+
+    def sampler_options(self, labels: Labels | None = None) -> SamplerOptions:
+        options = super().sampler_options(labels)
+        if self.cfg.decode_all_objects and options.grammar is None:
+            # Filling every slot needs the grammar that rules EOS out.
+            options = dataclasses.replace(options, grammar=self.answer_grammar(labels))
         return dataclasses.replace(
-            super().sampler_options(),
+            options,
             # Scores are class-token probabilities (not renormalised).
             logits_range=(vocab.CLASS_SHIFT, self.space.coord_shift),
-            token_mask=mask,
         )
 
     def detections(self, batch: dict, samples: dict, labels: Labels) -> list[dict]:
-        """Per evaluated image: boxes (original pixels), class ids and scores."""
+        """Per evaluated image: boxes (original pixels, on the image), class ids and scores."""
         known_classes = np.asarray(labels.category_map.class_ids)
         out = []
         for i in range(len(batch["image/id"])):
             pred = decode(
                 samples["tokens"][i], samples["range_probs"][i], batch["frame"][i], self.space,
-                self.cfg,
+                self.cfg, known_classes,
             )  # fmt: skip
-            # The class range is wider than the data set: classes it lacks
-            # have nothing to be scored under.
-            known = np.isin(pred["classes"], known_classes)
-            out.append({k: v[known] for k, v in pred.items()})
+            # A box may reach into the canvas padding: keep it on the image.
+            height, width = (float(v) for v in batch["image/size"][i])
+            pred["boxes"] = np.clip(pred["boxes"], 0.0, [height, width, height, width])
+            out.append(pred)
         return out
 
     def results(self, batch: dict, samples: dict, labels: Labels) -> list[dict]:

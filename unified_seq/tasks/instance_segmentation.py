@@ -12,7 +12,9 @@ the end of a polygon and every later one), an instance with more than
 vertices evenly (at least 3 per polygon); in training the subsampling grid
 gets a random phase so different vertices are seen across epochs.
 
-Inference draws several answers per instance; `decode` rasterises each
+Answers are sampled under a grammar (`answer_grammar`): coordinate pairs,
+at least three points per polygon, then another point, the two-token
+separator or EOS. Inference draws several answers per instance; `decode` rasterises each
 with pycocotools and keeps the pixels covered by at least `mask_threshold`
 of them (paper: 8 samples, 0.5).
 """
@@ -28,6 +30,7 @@ import tensorflow as tf
 from unified_seq import coco_metrics, visualize, vocab
 from unified_seq.data import views
 from unified_seq.frame import to_pixels
+from unified_seq.grammar import Grammar
 from unified_seq.tasks import masks
 from unified_seq.tasks.instances import PROMPT_LENGTH, InstanceTask, build_prompt
 from unified_seq.tasks.sequence import build_sequences
@@ -193,6 +196,30 @@ def encode(
     return seq
 
 
+def answer_grammar(space: vocab.TokenSpace) -> Grammar:
+    """Polygons of at least 3 (y, x) coordinate pairs, joined by `40 40`, then EOS."""
+    tokens = np.arange(space.vocab_size)
+    transitions: dict[str, dict[str, str]] = {}
+    # The first points of a polygon: coordinates only.
+    for p in range(MIN_POLYGON_POINTS):
+        after = f"y{p + 1}" if p + 1 < MIN_POLYGON_POINTS else "more"
+        transitions[f"y{p}"] = {"coord": f"x{p}"}
+        transitions[f"x{p}"] = {"coord": after}
+    transitions["more"] = {"coord": "more_x", "sep": "sep2", "eos": "end"}
+    transitions["more_x"] = {"coord": "more"}
+    transitions["sep2"] = {"sep": "y0"}
+    transitions["end"] = {"eos": "end"}
+    return Grammar.build(
+        kinds={
+            "coord": space.is_coord(tokens),
+            "sep": tokens == vocab.SEPARATOR,
+            "eos": tokens == vocab.EOS,
+        },
+        transitions=transitions,
+        start="y0",
+    )
+
+
 def decode_polygons(tokens: np.ndarray, frame: np.ndarray, space: vocab.TokenSpace) -> list:
     """Answer tokens → polygons in original pixels.
 
@@ -284,8 +311,14 @@ class InstanceSegmentation(InstanceTask):
     def encode_instance(self, box, class_id, geometry, seed) -> dict[str, tf.Tensor]:
         return encode(box, class_id, geometry, seed, self.cfg, self.space, training=True)
 
-    def sampler_options(self) -> SamplerOptions:
-        return dataclasses.replace(super().sampler_options(), num_samples=int(self.cfg.num_samples))
+    def answer_grammar(self, labels: Labels | None) -> Grammar:
+        del labels
+        return answer_grammar(self.space)
+
+    def sampler_options(self, labels: Labels | None = None) -> SamplerOptions:
+        return dataclasses.replace(
+            super().sampler_options(labels), num_samples=int(self.cfg.num_samples)
+        )
 
     def results(self, batch: dict, samples: dict, labels: Labels) -> list[dict]:
         count = int(self.cfg.num_samples)

@@ -262,6 +262,8 @@ class InstanceTask(Task):
                 "score": tf.cast(scores[i], tf.float32),
                 "box": pixel_boxes[i],
                 "object/id": tf.cast(ids[i], tf.int64),
+                # Which prompt of the image: with the image id, the row's sampling key.
+                "prompt/index": tf.cast(i, tf.int32),
                 "image/id": example["image/id"],
                 "image/size": tf.cast(hw, tf.int32),
             }
@@ -275,6 +277,7 @@ class InstanceTask(Task):
             "score": tf.TensorSpec([], tf.float32),
             "box": tf.TensorSpec([4], tf.float32),
             "object/id": tf.TensorSpec([], tf.int64),
+            "prompt/index": tf.TensorSpec([], tf.int32),
             "image/id": tf.TensorSpec([], tf.int64),
             "image/size": tf.TensorSpec([2], tf.int32),
         }

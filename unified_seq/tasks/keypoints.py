@@ -9,10 +9,12 @@ training, a random share of the answer's *input* tokens is replaced by the
 invisible token (official input masking), so the model cannot lean on the
 previous point alone.
 
-At inference an invisible token is replaced by the model's best coordinate
-guess there, the argmax of its logits over the coordinate range: COCO's OKS
-only scores keypoints that are labelled in the ground truth, and a
-labelled-but-hidden point is still better guessed than left out.
+Answers are sampled under a grammar (`answer_grammar`): K pairs, each two
+coordinates or two invisible tokens, then EOS. At inference an invisible
+token is replaced by the model's best coordinate guess there, the argmax
+of its logits over the coordinate range: COCO's OKS only scores keypoints
+that are labelled in the ground truth, and a labelled-but-hidden point is
+still better guessed than left out.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import tensorflow as tf
 from unified_seq import coco_metrics, visualize, vocab
 from unified_seq.data import views
 from unified_seq.frame import to_pixels
+from unified_seq.grammar import Grammar
 from unified_seq.tasks.instances import PROMPT_LENGTH, InstanceTask, build_prompt
 from unified_seq.tasks.sequence import build_sequences
 from unified_seq.tasks.task import Labels, SamplerOptions, Truth
@@ -112,6 +115,27 @@ def encode(
     if training and cfg.input_mask_rate:
         seq["input_seq"] = _mask_answer_inputs(seq["input_seq"], 2 * num_keypoints, seed)
     return seq
+
+
+def answer_grammar(space: vocab.TokenSpace, num_keypoints: int = 17) -> Grammar:
+    """`num_keypoints` pairs, each (y, x) coordinates or `41 41`, then EOS."""
+    tokens = np.arange(space.vocab_size)
+    transitions: dict[str, dict[str, str]] = {}
+    for k in range(num_keypoints):
+        following = f"y{k + 1}" if k + 1 < num_keypoints else "end"
+        transitions[f"y{k}"] = {"coord": f"x{k}", "invisible": f"hidden{k}"}
+        transitions[f"x{k}"] = {"coord": following}
+        transitions[f"hidden{k}"] = {"invisible": following}
+    transitions["end"] = {"eos": "end"}
+    return Grammar.build(
+        kinds={
+            "coord": space.is_coord(tokens),
+            "invisible": tokens == vocab.INVISIBLE,
+            "eos": tokens == vocab.EOS,
+        },
+        transitions=transitions,
+        start="y0",
+    )
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -248,9 +272,13 @@ class KeypointDetection(InstanceTask):
     def encode_instance(self, box, class_id, geometry, seed) -> dict[str, tf.Tensor]:
         return encode(box, class_id, geometry, seed, self.cfg, self.space, training=True)
 
-    def sampler_options(self) -> SamplerOptions:
+    def answer_grammar(self, labels: Labels | None) -> Grammar:
+        del labels
+        return answer_grammar(self.space, self.run.num_keypoints)
+
+    def sampler_options(self, labels: Labels | None = None) -> SamplerOptions:
         # The logits give invisible points their best coordinate and the score.
-        return dataclasses.replace(super().sampler_options(), return_logits=True)
+        return dataclasses.replace(super().sampler_options(labels), return_logits=True)
 
     def results(self, batch: dict, samples: dict, labels: Labels) -> list[dict]:
         # Official compute_weighted_scores: points and box score, weighted.

@@ -8,7 +8,8 @@ its whole language:
     has_training_target              which images it can train on
     train_examples                   augment, crop, tokenize, weight (tf.data map)
     eval_examples                    views and prompts to sample answers for
-    sampler_options                  samples per prompt, logits, token mask
+    sampler_options                  samples per prompt, logits, answer grammar
+    answer_grammar                   which tokens may follow (constrained decoding)
     results                          sampled tokens → COCO-format results in
                                      original pixels and dataset category ids
     metric                           results → scores (pycocotools, BLEU, ...)
@@ -38,6 +39,7 @@ from ml_collections import ConfigDict
 from PIL import Image
 
 from unified_seq import vocab
+from unified_seq.grammar import Grammar
 
 # What a data source can hold; a task names the kinds it trains on.
 ANNOTATIONS = ("boxes", "polygons", "keypoints", "captions")
@@ -81,8 +83,8 @@ class SamplerOptions:
       logits_range: (lo, hi) to also return the softmax over the vocabulary
         sliced to tokens [lo, hi) at every step (`range_probs`).
       return_logits: also return the raw logits of every step (`logits`).
-      token_mask: bool[P, V]: answer token i may only be a token allowed by
-        row i % P; None allows every token.
+      grammar: the answers' grammar (grammar.py): only tokens it allows are
+        sampled; None allows every token.
     """
 
     max_len: int
@@ -92,7 +94,7 @@ class SamplerOptions:
     top_p: float = 1.0
     logits_range: tuple[int, int] | None = None
     return_logits: bool = False
-    token_mask: np.ndarray | None = dataclasses.field(default=None, compare=False)
+    grammar: Grammar | None = dataclasses.field(default=None, compare=False)
 
 
 class Labels(Protocol):
@@ -191,15 +193,27 @@ class Task(abc.ABC):
           int32[n, 2]; anything else `results` needs.
         """
 
-    def sampler_options(self) -> SamplerOptions:
-        """How to sample answers: this task's top-p etc. and its answer length."""
+    def sampler_options(self, labels: Labels | None = None) -> SamplerOptions:
+        """How to sample answers: this task's top-p etc., its answer length and,
+        with `constrained` (default on), its answer grammar.
+
+        `labels`: the data set's category map and tokenizer, which some
+        grammars need (captions: the tokenizer's pieces); None: without them.
+        """
         cfg = self.cfg
         return SamplerOptions(
             max_len=self.sequence_length - self.prompt_length + 1,
             temperature=float(cfg.get("temperature", 1.0)),
             top_k=int(cfg.get("top_k", 0)),
             top_p=float(cfg.get("top_p", 1.0)),
+            grammar=self.answer_grammar(labels) if cfg.get("constrained", True) else None,
         )
+
+    def answer_grammar(self, labels: Labels | None) -> Grammar | None:
+        """The answers this task can read back, as a grammar over the token space;
+        None (this default) samples any token."""
+        del labels
+        return None
 
     @abc.abstractmethod
     def results(

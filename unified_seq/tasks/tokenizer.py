@@ -13,6 +13,7 @@ import io
 import os
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import sentencepiece as spm
 import tensorflow as tf
 
@@ -147,6 +148,12 @@ class CaptionTokenizer:
     def vocab_size(self) -> int:
         """Number of pieces, special pieces included."""
         return self._sp.get_piece_size()
+
+    def text_piece_ids(self) -> np.ndarray:
+        """int[N]: the pieces that write text (not control pieces, not the unknown piece)."""
+        sp = self._sp
+        ids = range(self.vocab_size)
+        return np.array([i for i in ids if not (sp.is_control(i) or sp.is_unknown(i))], np.int64)
 
     def encode(self, text: str) -> list[int]:
         """Text → piece ids, without BOS or EOS."""
