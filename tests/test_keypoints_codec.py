@@ -4,6 +4,7 @@ import contextlib
 import io
 
 import numpy as np
+import pytest
 import tensorflow as tf
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
@@ -95,6 +96,26 @@ def test_round_trip_keeps_points_within_a_bin_and_visibility():
         guess = frame.to_pixels(np.full(2, 123 / (SPACE.bins - 1)), f)
         np.testing.assert_allclose(points[~labelled, :2], np.tile(guess, (np.sum(~labelled), 1)))
         assert 0.95 < pred["score"] <= 1.0
+        # Visibility: confident where coordinates were written, not where 41 was.
+        assert np.all(pred["visible"][labelled] > 0.99)
+        assert np.all(pred["visible"][~labelled] < 0.01)
+        bare = kp.decode(answer, None, f, SPACE, cfg)
+        np.testing.assert_array_equal(bare["visible"], labelled.astype(np.float32))
+
+
+def test_visibility_score_is_one_minus_the_invisible_probability():
+    cfg = None  # decode reads nothing of it
+    c = SPACE.coord_shift
+    answer = np.array([c + 3, c + 4] * 16 + [vocab.INVISIBLE] * 2 + [0])
+    logits = np.zeros([len(answer), SPACE.vocab_size], np.float32)
+    logits[0, [c + 3, vocab.INVISIBLE]] = np.log(1000.0)  # 1000 : 1000 : 1 elsewhere
+    pred = kp.decode(answer, logits, np.array([10, 10, 0, 0], np.float32), SPACE, cfg)
+    others = SPACE.vocab_size - 2
+    assert pred["visible"][0] == pytest.approx(1 - 1000 / (2000 + others), rel=1e-5)
+    # Uniform logits elsewhere: P(invisible) = 1 / V.
+    np.testing.assert_allclose(pred["visible"][1:], 1 - 1 / SPACE.vocab_size, rtol=1e-5)
+    early = kp.decode(np.array([c, c, 0]), None, np.array([10, 10, 0, 0], np.float32), SPACE, cfg)
+    np.testing.assert_array_equal(early["visible"], [1.0] + [0.0] * 16)
 
 
 def test_points_outside_the_canvas_become_invisible():
@@ -251,6 +272,8 @@ def test_coco_result_format():
         "image_id": 5, "category_id": 1, "keypoints": [20.0, 10.0, 2.0, 40.0, 30.0, 1.0],
         "score": 0.75,
     }  # fmt: skip
+    pred["visible"] = np.array([0.98766, 0.25], np.float32)
+    assert kp.to_coco_results(pred, 5, 1)["visibility_scores"] == [0.9877, 0.25]
 
 
 def _keypoint_fixture(rng, num_images=8):

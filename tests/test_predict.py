@@ -109,6 +109,8 @@ def _check_record(record, predictor, height, width):
         assert kp is None or o["category"] == "person"
         if kp is not None:
             assert len(kp["keypoints"]) == 3 * 17
+            assert len(kp["visibility_scores"]) == 17
+            assert all(0.0 <= v <= 1.0 for v in kp["visibility_scores"])
     # Masks for the top detections_per_image = 3 detections with a valid box.
     assert 1 <= sum("instance_segmentation" in o for o in objects) <= 3
 

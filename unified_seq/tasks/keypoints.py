@@ -182,6 +182,21 @@ def _score(logits: np.ndarray | None, answer: np.ndarray, read: int) -> float:
     return float(np.mean(probs[np.arange(read), answer[:read]]))
 
 
+def _visible(logits: np.ndarray | None, answer: np.ndarray, read: int, k: int) -> np.ndarray:
+    """float32[K]: how sure the model is that each keypoint is visible.
+
+    1 − P(invisible) at the keypoint's first token, under the raw logits; a
+    keypoint after the answer ended scores 0. Without logits: 1 where two
+    coordinates were written, else 0.
+    """
+    if logits is None:
+        coords = answer[: 2 * k].reshape(k, 2) != vocab.INVISIBLE
+        return (coords.all(axis=-1) & (np.arange(k) * 2 < read)).astype(np.float32)
+    first = np.asarray(logits)[0 : 2 * k : 2]
+    hidden = _softmax(first)[:, vocab.INVISIBLE]
+    return np.where(np.arange(k) * 2 < read, 1.0 - hidden, 0.0).astype(np.float32)
+
+
 def decode(
     tokens: np.ndarray,
     logits: np.ndarray | None,
@@ -212,9 +227,10 @@ def decode(
       num_keypoints: K.
 
     Returns:
-      `keypoints` float32[K, 3] (y, x, v) in original pixels, and `score`:
-      the mean probability of the answer's tokens before EOS (1.0 without
-      logits).
+      `keypoints` float32[K, 3] (y, x, v) in original pixels, `score`: the
+      mean probability of the answer's tokens before EOS (1.0 without
+      logits), and `visible` float32[K]: each keypoint's visibility score
+      (`_visible`).
     """
     del cfg
     length = 2 * num_keypoints
@@ -229,11 +245,16 @@ def decode(
     visibility = np.where(written, PREDICTED, np.where(guessed, GUESSED, MISSING))
     pixels = to_pixels(coords.reshape(num_keypoints, 2), frame)
     keypoints = np.concatenate([pixels, visibility[:, None].astype(np.float32)], axis=-1)
-    return {"keypoints": keypoints, "score": _score(logits, answer, read)}
+    return {
+        "keypoints": keypoints,
+        "score": _score(logits, answer, read),
+        "visible": _visible(logits, answer, read, num_keypoints),
+    }
 
 
 def to_coco_results(pred: dict, image_id: int, category_id_dataset: int) -> dict:
-    """One COCO `keypoints` result: flat [x, y, v] * K in original pixels."""
+    """One COCO `keypoints` result: flat [x, y, v] * K in original pixels, and
+    `visibility_scores` (K values in [0, 1]; pycocotools ignores them)."""
     keypoints = np.asarray(pred["keypoints"], np.float64)
     flat = np.stack([keypoints[:, 1], keypoints[:, 0], keypoints[:, 2]], axis=-1)
     return {
@@ -241,6 +262,11 @@ def to_coco_results(pred: dict, image_id: int, category_id_dataset: int) -> dict
         "category_id": int(category_id_dataset),
         "keypoints": [float(v) for v in flat.reshape(-1)],
         "score": float(pred["score"]),
+        **(
+            {"visibility_scores": [round(float(v), 4) for v in pred["visible"]]}
+            if "visible" in pred
+            else {}
+        ),
     }
 
 
