@@ -363,6 +363,28 @@ def test_missing_image_file_fails_or_is_skipped(tmp_path):
     assert [int(ex["image/id"]) for ex in examples] == [1, 3, 4]
 
 
+@pytest.mark.parametrize(
+    "name", ["../outside.png", "/etc/passwd", "a/../../outside.png", "gs://bucket/x.png", ".."]
+)
+def test_file_names_outside_the_image_folder_are_refused(tmp_path, name):
+    root = _write(tmp_path / "data", _content())
+    # Written into the JSON only: no file is ever created at the hostile name.
+    path = coco.annotation_path(root, "instances", "train")
+    with open(path) as f:
+        content = json.load(f)
+    content["images"][1]["file_name"] = name
+    with open(path, "w") as f:
+        json.dump(content, f)
+    for policy in ("fail", "skip"):
+        message = _load_error(root, on_bad_image=policy)
+        assert message.startswith(f"{path}: image 2: file_name {name!r} points outside")
+
+
+def test_file_names_in_subfolders_stay_allowed():
+    for name in ("a/b.png", "a/../b.png", "./b.png", "x..y.png"):
+        assert coco._inside_image_folder(name), name
+
+
 def test_missing_image_folder(tmp_path):
     root = _write(tmp_path, _content())
     os.rename(os.path.join(root, "train2017"), os.path.join(root, "elsewhere"))

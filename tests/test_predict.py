@@ -291,3 +291,11 @@ def test_command_line_names_what_is_wrong(run, tmp_path):
     )
     assert empty.returncode != 0 and "matches no image file" in empty.stderr
     assert not os.path.exists(out)
+
+
+def test_picture_names_stay_inside_the_vis_folder():
+    names = predict.unique_stems(["../x/a.jpg", "a.png", "/etc/..", "..", "gs://b/.png", "c/"])
+    assert names == ["a", "a_2", "..", ".._2", ".png", "image"]
+    for name in names:
+        path = os.path.normpath(os.path.join("out", "vis", f"{name}.png"))
+        assert os.path.dirname(path) == os.path.join("out", "vis"), name

@@ -36,6 +36,7 @@ import dataclasses
 import gc
 import json
 import os
+import posixpath
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -333,6 +334,13 @@ class _Reader:
                 raise DataError(path, f"images[{index}] has id {image['id']!r}; ids are integers")
             if not isinstance(image["file_name"], str) or not image["file_name"]:
                 raise DataError(path, f"image {image['id']}: 'file_name' must be a path string")
+            if not _inside_image_folder(image["file_name"]):
+                raise DataError(
+                    path,
+                    f"image {image['id']}: file_name {image['file_name']!r} points outside the "
+                    "split's image folder",
+                    "file names are relative to ROOT/<split>2017/; move the image there",
+                )
             h, w = image["height"], image["width"]
             if not (isinstance(h, int) and isinstance(w, int) and h > 0 and w > 0):
                 raise DataError(
@@ -567,6 +575,18 @@ def rle_to_points(seg: dict, height: int, width: int, path: str, ann_id: Any) ->
     else:
         raise DataError(path, f"annotation {ann_id}: RLE 'counts' must be a string or a list")
     return mask_to_points(mask_utils.decode(rle))
+
+
+def _inside_image_folder(file_name: str) -> bool:
+    """Whether a `file_name` stays inside its image folder: relative, no URL, no `..` out.
+
+    Annotation files come from elsewhere; a name like `../../etc/passwd` or
+    `/etc/passwd` must not make the loader read files outside the data.
+    """
+    if "://" in file_name or os.path.isabs(file_name) or file_name.startswith("\\"):
+        return False
+    normal = posixpath.normpath(file_name.replace("\\", "/"))
+    return normal not in (".", "..") and not normal.startswith("../")
 
 
 def _image_files(
