@@ -55,7 +55,7 @@ def eval_batch_size(config: Any, rows_multiple: int = 1) -> int:
     return rounded
 
 
-def _padded(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+def padded(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
     """Pads a partial last batch to `size` rows (one compile for every batch)."""
     n = len(batch["image"])
     if n == size:
@@ -148,7 +148,7 @@ def task_results(
             sample(task, _filler(task, config, size), rng)
             continue
         n = len(batch["image"])
-        samples = sample(task, _padded(batch, size), rng)
+        samples = sample(task, padded(batch, size), rng)
         results += task.results(batch, _trimmed(samples, n * per_example), data)
     return _gather(results)
 

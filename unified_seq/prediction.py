@@ -154,13 +154,6 @@ def _take(batch: dict[str, np.ndarray], start: int, stop: int) -> dict[str, np.n
     return {k: v[start:stop] for k, v in batch.items()}
 
 
-def _padded(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
-    n = len(batch["image"])
-    if n == size:
-        return batch
-    return {k: np.concatenate([v, np.repeat(v[-1:], size - n, axis=0)]) for k, v in batch.items()}
-
-
 class _Runner:
     """One `predict_images` call: the tasks, their example functions and keys."""
 
@@ -200,7 +193,7 @@ class _Runner:
             chunk = _take(batch, start, start + self.cap)
             n = len(chunk["image"])
             size = bucket_rows(n, self.cap, self.predictor.rows_multiple)
-            samples = self.predictor.sample(task, _padded(chunk, size), self.keys[name])
+            samples = self.predictor.sample(task, evaluate.padded(chunk, size), self.keys[name])
             samples = {k: v[: n * per_row] for k, v in samples.items()}
             if task.takes_boxes:
                 # One result per prompted object, in row order (Task.results).
@@ -292,7 +285,7 @@ def predict_images(
     order = _run_order(runner.tasks)
     category_map = predictor.labels.category_map
     for start in range(0, len(sources), max(1, int(batch_size))):
-        loaded, records = [], {}
+        loaded, records, given_boxes = [], {}, {}
         for i in range(start, min(start + batch_size, len(sources))):
             name = names[i] if names is not None else images.image_name(sources[i], i)
             image_id = int(image_ids[i]) if image_ids is not None else i
@@ -307,9 +300,10 @@ def predict_images(
             h, w = pixels.shape[:2]
             records[i] = {"image": name, "index": i, "image_id": image_id, "height": h, "width": w}
             if boxes is not None:
-                given = _user_boxes(boxes[i], category_map, name)
-                records[i]["objects"] = _box_records(given, category_map)
-        _predict_batch(runner, order, loaded, records, boxes)
+                given_boxes[image_id] = _user_boxes(boxes[i], category_map, name)
+                records[i]["objects"] = _box_records(given_boxes[image_id], category_map)
+        prompts = given_boxes if boxes is not None else None
+        _predict_batch(runner, order, loaded, records, prompts)
         for i in sorted(records):
             if with_pixels and "error" not in records[i]:
                 records[i]["pixels"] = next(x.pixels for x in loaded if x.index == i)
@@ -321,14 +315,16 @@ def _predict_batch(
     order: list[str],
     loaded: list[_Loaded],
     records: dict[int, dict],
-    boxes: Any,
+    given: dict[int, dict] | None,
 ) -> None:
-    """Fills the records of one batch of images, task after task."""
+    """Fills the records of one batch of images, task after task.
+
+    `given`: image id → the caller's boxes as detections, which prompt the
+    tasks that take boxes; None: the detections prompt them.
+    """
     by_id = {x.image_id: records[x.index] for x in loaded}
     category_map = runner.labels.category_map
-    prompts: dict[int, dict] = {}
-    if boxes is not None:
-        prompts = {x.image_id: _user_boxes(boxes[x.index], category_map, x.name) for x in loaded}
+    prompts: dict[int, dict] = dict(given or {})
     names = dict(zip(category_map.dataset_ids, category_map.names, strict=True))
     for name in order:
         task = runner.tasks[name]
@@ -342,11 +338,11 @@ def _predict_batch(
                     for r in flat
                     if r["image_id"] == x.image_id
                 ]
-                if boxes is None:
+                if given is None:
                     by_id[x.image_id]["objects"] = objects
                 else:
                     by_id[x.image_id][name] = objects
-            if boxes is None:
+            if given is None:
                 prompts = evaluate.detections_by_image(flat, category_map)
         elif task.takes_boxes:
             for row, group in zip(_row_keys(batch), results, strict=True):
