@@ -35,6 +35,9 @@ setuptools.setup(
     extras_require={
         "test": [
             "pytest>=8,<10",
+            # Two test workers, one file each (--dist loadfile): CI's 2 cores are
+            # otherwise half idle while one test traces, compiles or waits.
+            "pytest-xdist>=3.8,<4",
             "ruff>=0.17,<0.18",
             # tests/test_launch.py runs launch/colab.ipynb in a python3 kernel.
             "nbclient>=0.11,<0.12",

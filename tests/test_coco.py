@@ -228,7 +228,8 @@ def test_captions_and_empty_image(loaded):
     assert stats == {
         "images": 4, "objects": 6, "crowd": 1, "with_keypoints": 2, "with_masks": 5,
         "captions": 11, "empty_images": 1, "skipped_images": 0, "rle_converted": 2,
-        "dropped_polygons": 0,
+        "dropped_polygons": 0, "dropped_boxes/empty": 0, "dropped_boxes/outside": 0,
+        "clipped_boxes": 0, "nan_keypoints": 0, "empty_captions": 0,
     }  # fmt: skip
 
 

@@ -2,10 +2,12 @@
 
 They train with a checkpoint, resume (with the parameters split over both
 hosts), evaluate and write one eval_results.json; their logged losses equal
-those of one process with 8 devices at the same global batch. (Resuming on
-another process count: tests/test_checkpoint.py.)
+those of one process (this one, one device) at the same global batch.
+(Resuming on another process count: tests/test_checkpoint.py.)
 """
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -17,17 +19,17 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = 20
+STEPS = 12
 # The README main command, shrunk: a small model and set, batch 8 per task
-# (it must split over 8 devices), a checkpoint every 10 steps.
+# (it must split over 8 devices), a checkpoint every 6 steps.
 OVERRIDES = [
-    "--config.train.steps=20",
+    "--config.train.steps=12",
     "--config.train.batch_size=8",
     "--config.tasks.object_detection.batch_size=8",
-    "--config.train.log_every=5",
-    "--config.train.checkpoint_every=10",
+    "--config.train.log_every=3",
+    "--config.train.checkpoint_every=6",
     "--config.train.keep_checkpoints=5",
-    "--config.optim.warmup_steps=5",
+    "--config.optim.warmup_steps=3",
     "--config.model.enc_depth=1",
     "--config.model.dec_depth=1",
     "--config.model.enc_width=64",
@@ -129,26 +131,50 @@ def runs(tmp_path_factory):
     cache = str(tmp_path_factory.mktemp("cache"))
     two = str(tmp_path_factory.mktemp("two_processes"))
     one = str(tmp_path_factory.mktemp("one_process"))
-    # Two processes train 20 steps (checkpoints at 10 and 20) ...
+    # Two processes train 12 steps (checkpoints at 6 and 12) ...
     first = _run(two, "train", cache, processes=2)
-    # ... and resumes from step 10, then evaluates.
+    # ... and resume from step 6, then evaluate.
     for kind in ("state", "input"):
         shutil.rmtree(os.path.join(two, "checkpoints", kind, str(STEPS)))
     # It resumes with every parameter split over all 8 devices of both hosts
     # (restored onto another mesh), and evaluates with them split.
     second = _run(two, "train_and_eval", cache, processes=2, extra=FSDP_ACROSS_HOSTS)
-    unbroken = _run(one, "train", cache, processes=1)
-    return {"two": two, "first": first, "second": second, "unbroken": unbroken[0]}
+    return {"two": two, "first": first, "second": second, "unbroken": _run_here(one, cache)}
 
 
-def test_two_processes_log_the_losses_of_one_process_with_8_devices(runs):
+def _run_here(workdir: str, cache: str) -> str:
+    """The same training in this process, on its one device; returns what it printed."""
+    sys.path.insert(0, os.path.join(ROOT, "configs"))
+    import multitask_synthetic
+
+    from unified_seq import train
+
+    config = multitask_synthetic.get_config()
+    for override in OVERRIDES:
+        path, value = override[len("--config.") :].split("=")
+        *blocks, field = path.split(".")
+        block = config
+        for name in blocks:
+            block = block[name]
+        block[field] = block.get_type(field)(value)
+    printed = io.StringIO()
+    os.environ["UNIFIED_SEQ_CACHE"] = cache  # the processes' generated data set
+    try:
+        with contextlib.redirect_stdout(printed):
+            train.train(config, workdir)
+    finally:
+        os.environ.pop("UNIFIED_SEQ_CACHE")
+    return printed.getvalue()
+
+
+def test_two_processes_log_the_losses_of_one_process(runs):
     reference = _losses(runs["unbroken"])
-    assert sorted(reference) == [5, 10, 15, 20]
+    assert sorted(reference) == [3, 6, 9, 12]
     first, second = _losses(runs["first"][0]), _losses(runs["second"][0])
-    _assert_close(first, reference, [5, 10, 15, 20])
+    _assert_close(first, reference, [3, 6, 9, 12])
     # The resumed job continues exactly: same losses after the checkpoint.
-    assert sorted(second) == [15, 20]
-    _assert_close(second, reference, [15, 20])
+    assert sorted(second) == [9, 12]
+    _assert_close(second, reference, [9, 12])
     # Only process 0 prints progress.
     assert not _losses(runs["first"][1]) and not _losses(runs["second"][1])
 
@@ -167,7 +193,7 @@ def test_two_processes_write_one_evaluation(runs):
     with open(os.path.join(runs["two"], "eval_history.jsonl")) as f:
         assert len(f.read().splitlines()) == 1
     # Both processes saved their input position next to each checkpoint.
-    saved = sorted(os.listdir(os.path.join(runs["two"], "checkpoints", "input", "10")))
+    saved = sorted(os.listdir(os.path.join(runs["two"], "checkpoints", "input", "6")))
     assert saved == [
         "process_0_of_2.data-00000-of-00001",
         "process_0_of_2.index",

@@ -94,8 +94,9 @@ def test_train_step_updates_params_and_reports_metrics():
     )
     new, metrics = step(state, _batches(2))
     assert int(new.step) == 1
-    assert set(metrics) == {"loss", "grad_norm", "learning_rate", "loss/object_detection",
-                            "loss/captioning"}  # fmt: skip
+    assert set(metrics) == {"loss", "grad_norm", "learning_rate", "finite",
+                            "loss/object_detection", "loss/captioning"}  # fmt: skip
+    assert bool(metrics["finite"])
     total = sum(WEIGHTS[t] * metrics[f"loss/{t}"] for t in WEIGHTS)
     assert float(metrics["loss"]) == pytest.approx(float(total), rel=1e-6)
     moved = jax.tree_util.tree_map(lambda a, b: float(jnp.abs(a - b).max()), new.params, params)

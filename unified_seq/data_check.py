@@ -40,6 +40,7 @@ def run(config: Any, workdir: str, num_batches: int = 5) -> dict:
     space = vocab.TokenSpace.from_config(config.vocab)
     start = time.perf_counter()
     data = inputs.load_split(config, config.data.train_split, space, workdir=workdir)
+    inputs.check_task_examples(config, data, tasks)
     logging.info(
         "Loaded %d training images in %.1f s: %s",
         data.num_images,

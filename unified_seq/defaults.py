@@ -39,6 +39,16 @@ def data_config() -> ml_collections.ConfigDict:
             "num_keypoints": 17,
             # "fail" raises DataError naming the file; "skip" drops and counts.
             "on_bad_image": "fail",
+            # Images whose header declares more pixels are bad images, refused
+            # before decoding (a few-byte file can declare gigabytes). 0 = no limit.
+            "max_image_pixels": 50_000_000,
+            # coco_json: decode every image once before use, so that every bad
+            # image is named at once (fail) and JSON sizes are checked; off for
+            # huge remote sets, bad images then fail in the pipeline. The skip
+            # policy always runs the pass: it finds what to skip.
+            "check_images": True,
+            # Annotation files larger than this are refused unread. 0 = no limit.
+            "max_annotation_bytes": 4 << 30,
             "tokenizer_path": "",  # SentencePiece model; trained when empty
             "shuffle_buffer": 1024,
             # Each process loads only its share of the training annotations

@@ -241,8 +241,20 @@ def evaluate_tasks(
     return report
 
 
-def evaluate(config: Any, workdir: str, params: Any, model: Any, step: int) -> dict:
-    """Evaluates every configured task; writes result files and eval_results.json."""
+def evaluate(
+    config: Any,
+    workdir: str | None,
+    params: Any,
+    model: Any,
+    step: int,
+    read_from: str | None = None,
+) -> dict:
+    """Evaluates every configured task; writes result files and eval_results.json.
+
+    Args:
+      workdir: where the files go; None writes nothing (a read-only run).
+      read_from: the run's folder (its tokenizer), when not `workdir`.
+    """
     if config.data.source == "tfds":
         raise ValueError(
             "evaluation reads COCO JSON ground truth: use data.source=coco_json (tfds coco/2017 "
@@ -250,7 +262,7 @@ def evaluate(config: Any, workdir: str, params: Any, model: Any, step: int) -> d
         )
     tasks = build_tasks(config)
     space = vocab.TokenSpace.from_config(config.vocab)
-    data = inputs.load_split(config, config.data.eval_split, space, workdir=workdir)
+    data = inputs.load_split(config, config.data.eval_split, space, workdir=read_from or workdir)
     predictor = Predictor(model, params, sharding.mesh_from_config(config), labels=data)
     tic = time.perf_counter()
     scores = evaluate_tasks(
@@ -259,7 +271,7 @@ def evaluate(config: Any, workdir: str, params: Any, model: Any, step: int) -> d
     )  # fmt: skip
     report: dict[str, Any] = {"step": int(step), **scores}
     report["seconds"] = round(time.perf_counter() - tic, 1)
-    if jax.process_index() == 0:
+    if workdir is not None and jax.process_index() == 0:
         with tf.io.gfile.GFile(os.path.join(workdir, "eval_results.json"), "w") as f:
             json.dump(report, f, indent=2)
         # Every evaluation of the run, one JSON line each: the learning curve.

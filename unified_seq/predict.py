@@ -264,7 +264,19 @@ def main(argv: list[str]) -> None:
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
     f = flags.FLAGS
-    summary = run(
+    from unified_seq.data.errors import DataError
+    from unified_seq.errors import ConfigError, NonFiniteError
+
+    try:
+        summary = _run_from_flags(f)
+    except (FileNotFoundError, DataError, ConfigError, NonFiniteError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    print(json.dumps(summary), flush=True)
+
+
+def _run_from_flags(f: Any) -> dict:
+    return run(
         f.workdir,
         f.images,
         f.out,
@@ -278,7 +290,6 @@ def main(argv: list[str]) -> None:
         vis_min_score=f.vis_min_score,
         max_pixels=f.max_pixels,
     )
-    print(json.dumps(summary), flush=True)
 
 
 if __name__ == "__main__":

@@ -208,6 +208,7 @@ class Predictor:
             lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
         )
         params = checkpoint.restore_params(item, abstract)
+        checkpoint.check_finite_params(params, found_step, workdir)
         predictor = cls(model, params, mesh, labels, config)
         predictor.step = found_step
         logging.info("Loaded %s at step %d", workdir, found_step)

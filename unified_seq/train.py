@@ -8,10 +8,17 @@ shares of every task's examples into one batch with one loss.
 
 The step is a pure function of (state, batches): its randomness is
 `fold_in(seed, step)`, so a resumed run needs no stored RNG.
+
+Faults: the step reports whether its loss, gradients and new parameters are
+finite; a non-finite step stops the run before anything of it is saved
+(`NonFiniteError` names the step and the last good checkpoint). SIGTERM
+saves the state at the next step boundary and stops (`Preempted`). Resuming
+restores the newest readable, finite checkpoint (checkpoint.py).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -26,8 +33,10 @@ import optax
 from absl import logging
 from clu import metric_writers
 
-from unified_seq import checkpoint, evaluate, init_from, optim, sharding, vocab
+from unified_seq import checkpoint, evaluate, init_from, optim, preemption, sharding, vocab
+from unified_seq import workdir as workdir_lib
 from unified_seq.data import inputs, pipeline
+from unified_seq.errors import CheckpointError, ConfigError, NonFiniteError, Preempted
 from unified_seq.models import sizes
 from unified_seq.tasks import build_tasks
 
@@ -195,9 +204,16 @@ def make_train_step(
             )
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        grad_norm = optax.global_norm(grads)
+        # One flag for the host: is anything this step made NaN or inf? A
+        # finite loss can still give inf parameters (a huge learning rate).
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        for leaf in jax.tree_util.tree_leaves(params):
+            finite &= jnp.all(jnp.isfinite(leaf))
         metrics = {
             "loss": loss,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": grad_norm,
+            "finite": finite,
             "learning_rate": schedule(state.step),
             **{f"loss/{t}": v for t, v in losses.items()},
         }
@@ -248,10 +264,37 @@ def mix_examples(batches: Mapping[str, Mapping[str, np.ndarray]], length: int) -
     return {k: np.concatenate(v, axis=0) for k, v in out.items()}
 
 
-def validate(config: Any) -> None:
-    """Fails early, naming the field, on settings the run cannot honour."""
+def check_fields(config: Any, training: bool = True) -> None:
+    """ConfigError, naming the field, on values no run can use; needs no device or data."""
+    try:
+        sizes.resolve(config.model)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    if training and int(config.train.steps) < 1:
+        raise ConfigError(
+            f"config.train.steps={config.train.steps}: a training run needs at least 1 step "
+            "(to evaluate a trained run, use --mode eval)"
+        )
+    if int(config.train.batch_size) < 1:
+        raise ConfigError(f"config.train.batch_size={config.train.batch_size}: must be >= 1")
+    for task in config.tasks:
+        own = int(config.tasks[task].get("batch_size", 0) or 0)
+        if own < 0:
+            raise ConfigError(
+                f"config.tasks.{task}.batch_size={own}: must be >= 1 (0 = train.batch_size)"
+            )
+    if int(config.train.checkpoint_every) < 0 or int(config.train.keep_checkpoints) < 1:
+        raise ConfigError(
+            f"config.train.checkpoint_every={config.train.checkpoint_every} must be >= 0 and "
+            f"config.train.keep_checkpoints={config.train.keep_checkpoints} >= 1"
+        )
     if config.train.mixing not in MIXINGS:
-        raise ValueError(f"config.train.mixing={config.train.mixing!r}; choose one of {MIXINGS}")
+        raise ConfigError(f"config.train.mixing={config.train.mixing!r}; choose one of {MIXINGS}")
+
+
+def validate(config: Any, training: bool = True) -> None:
+    """Fails early, naming the field, on settings the run cannot honour."""
+    check_fields(config, training)
     tasks = build_tasks(config)
     source = config.data.source
     if source not in inputs.SOURCES:
@@ -428,11 +471,13 @@ def train(
     share = {}
     if config.data.get("shard_annotations", False):
         share = {"process_index": jax.process_index(), "process_count": jax.process_count()}
+    say(f"loading the {config.data.train_split} split ({config.data.source})")
     data = inputs.load_split(config, config.data.train_split, space, workdir=workdir, **share)
+    # Every task without a usable image is named now, not as a StopIteration later.
+    inputs.check_task_examples(config, data)
     if jax.process_index() == 0:
         data.category_map.save(os.path.join(workdir, "categories.json"))
     feed = _Inputs(config, data)
-    logging.info("Training on %d images; tasks %s", data.num_images, list(config.tasks))
 
     # --- Model, optimizer and state, created sharded.
     model = build_model(config, space)
@@ -440,7 +485,10 @@ def train(
     optimizer = optim.make_optimizer(config.optim, total_steps)
     state, state_shardings = create_state(model, optimizer, config, mesh, feed.length)
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
-    logging.info("Model %s: %.2fM parameters", config.model.variant, n_params / 1e6)
+    say(
+        f"training on {data.num_images} images, tasks {', '.join(config.tasks)}; model "
+        f"{config.model.variant}: {n_params / 1e6:.2f}M parameters"
+    )
 
     # --- Checkpoint: resume from the latest step in the workdir, else start from
     # config.init_from's parameters if set.
@@ -449,12 +497,13 @@ def train(
         every=int(config.train.checkpoint_every),
         keep=int(config.train.keep_checkpoints),
     )
-    start = ckpt.latest_step() or 0
+    # Into this run's mesh and shardings, whatever the saving run's were.
+    restored, start = ckpt.restore_latest(state, lambda: _config_changes(config, workdir))
+    start = start or 0
     if start:
-        # Into this run's mesh and shardings, whatever the saving run's were.
-        state = ckpt.restore(start, state)
+        state = restored
         ckpt.restore_inputs(start, feed.iterators)
-        logging.info("Resumed from step %d", start)
+        say(f"resumed from step {start} ({ckpt.directory})")
         if config.get("init_from"):
             logging.info("config.init_from=%s ignored: resuming this run", config.init_from)
     elif config.get("init_from"):
@@ -486,49 +535,97 @@ def train(
     # next batch is drawn, so the saved input position is exactly step t's.
     log_every = max(int(config.train.log_every), 1)
     tic, tic_step = time.perf_counter(), start
-    metrics = None
-    batches = sharding.to_global(feed.next(), mesh) if start < total_steps else None
-    for step in range(start + 1, total_steps + 1):
-        state, metrics = step_fn(state, batches)
-        if ckpt.should_save(step, total_steps):
-            _check_finite(jax.device_get(metrics["loss"]), step, ckpt)  # never save a NaN state
-            ckpt.save(step, state, feed.iterators)
-        if step < total_steps:
-            batches = sharding.to_global(feed.next(), mesh)
-        if step % log_every == 0 or step == total_steps:
-            metrics = jax.device_get(metrics)
-            _check_finite(metrics["loss"], step, ckpt)
-            rate = (step - tic_step) / (time.perf_counter() - tic)
-            writer.write_scalars(step, {**metrics, **feed.truncated, "steps_per_s": rate})
-            eta = _format_eta((total_steps - step) / rate if rate > 0 else float("inf"))
-            per_task = " ".join(
-                f"{k[5:]} {v:.3f}" for k, v in metrics.items() if k.startswith("loss/")
-            )
-            if jax.process_index() == 0:
-                print(
-                    f"step {step}/{total_steps} | loss {metrics['loss']:.4f} ({per_task}) | "
-                    f"|g| {metrics['grad_norm']:.2f} | lr {metrics['learning_rate']:.2e} | "
-                    f"{rate:.2f} steps/s | ETA {eta}",
-                    flush=True,
-                )
-            tic, tic_step = time.perf_counter(), step
-        eval_every = int(config.train.get("eval_every", 0))
-        if evaluate_fn and eval_every and step % eval_every == 0 and step != total_steps:
-            evaluate_fn(step, state.params, model)
-            tic, tic_step = time.perf_counter(), step
+    if start < total_steps:
+        say(f"training steps {start + 1}-{total_steps} (the first step compiles)")
+        batches = sharding.to_global(feed.next(), mesh)
+    watch = preemption.PreemptionWatch()
+    try:
+        for step in range(start + 1, total_steps + 1):
+            state, metrics = step_fn(state, batches)
+            saved = ckpt.should_save(step, total_steps)
+            if saved:
+                _check_finite(metrics, step, ckpt)  # never save a non-finite state
+                ckpt.save(step, state, feed.iterators)
+            if watch.reached(step):
+                if not saved:
+                    _check_finite(metrics, step, ckpt)
+                    ckpt.save(step, state, feed.iterators)
+                ckpt.wait()
+                writer.flush()
+                raise Preempted(step, ckpt.directory)
+            if step < total_steps:
+                batches = sharding.to_global(feed.next(), mesh)
+            if step % log_every == 0 or step == total_steps:
+                metrics = jax.device_get(metrics)
+                _check_finite(metrics, step, ckpt)
+                ckpt.check()  # a failed asynchronous save stops the run here
+                rate = (step - tic_step) / (time.perf_counter() - tic)
+                _log_step(writer, step, total_steps, metrics, feed.truncated, rate)
+                tic, tic_step = time.perf_counter(), step
+            eval_every = int(config.train.get("eval_every", 0))
+            if evaluate_fn and eval_every and step % eval_every == 0 and step != total_steps:
+                evaluate_fn(step, state.params, model)
+                tic, tic_step = time.perf_counter(), step
+    except BaseException:
+        # A save in flight is the last good checkpoint: let it commit first.
+        try:
+            ckpt.wait()
+        except CheckpointError as e:
+            logging.error("%s", e)
+        # Their threads would outlive the run while the error is handled.
+        ckpt.close()
+        writer.close()
+        feed.iterators.clear()
+        raise
+    finally:
+        watch.close()
     ckpt.wait()
+    ckpt.close()
     writer.flush()
     if any(feed.truncated.values()) and jax.process_index() == 0:
         print(f"Did not fit the sequences (counted, trained without): {feed.truncated}", flush=True)
     return state, model
 
 
-def _check_finite(loss: Any, step: int, ckpt: checkpoint.Checkpointer) -> None:
-    if not np.isfinite(loss):
-        raise FloatingPointError(
-            f"loss is {loss} at step {step}; the last checkpoint is step "
-            f"{ckpt.latest_step()} in {ckpt.directory}"
-        )
+def _log_step(
+    writer: Any, step: int, total: int, metrics: dict, truncated: dict, rate: float
+) -> None:
+    scalars = {k: v for k, v in metrics.items() if k != "finite"}
+    writer.write_scalars(step, {**scalars, **truncated, "steps_per_s": rate})
+    eta = _format_eta((total - step) / rate if rate > 0 else float("inf"))
+    per_task = " ".join(f"{k[5:]} {v:.3f}" for k, v in scalars.items() if k.startswith("loss/"))
+    say(
+        f"step {step}/{total} | loss {scalars['loss']:.4f} ({per_task}) | "
+        f"|g| {scalars['grad_norm']:.2f} | lr {scalars['learning_rate']:.2e} | "
+        f"{rate:.2f} steps/s | ETA {eta}"
+    )
+
+
+def say(line: str) -> None:
+    """A progress line on process 0's stdout (logging is quiet by default)."""
+    if jax.process_index() == 0:
+        print(line, flush=True)
+
+
+def _config_changes(config: Any, workdir: str) -> list[str]:
+    stored = workdir_lib.read_config(workdir)
+    if stored is None:
+        return []
+    return workdir_lib.config_changes(stored, json.loads(config.to_json_best_effort()))
+
+
+def _check_finite(metrics: Any, step: int, ckpt: checkpoint.Checkpointer) -> None:
+    finite, loss = jax.device_get((metrics["finite"], metrics["loss"]))
+    if bool(finite):
+        return
+    last = ckpt.latest_step()
+    where = f"step {last} in {ckpt.directory}" if last is not None else "none was saved yet"
+    raise NonFiniteError(
+        f"the loss ({float(loss)}) or the parameters became NaN/inf at step {step}; the run "
+        f"stopped before saving it. The last good checkpoint: {where}. Lower "
+        "config.optim.learning_rate (or raise warmup), then run the same command to resume "
+        "from it"
+    )
 
 
 def restore_params(config: Any, workdir: str) -> tuple[Any, Any, int]:
@@ -547,5 +644,12 @@ def restore_params(config: Any, workdir: str) -> tuple[Any, Any, int]:
         raise FileNotFoundError(
             f"no checkpoint in {ckpt.directory}; train first (--mode train) or fix --workdir"
         )
+    checkpoint.check_shapes(
+        os.path.join(ckpt.directory, "state", str(step), checkpoint.STATE_ITEM),
+        state.params,
+        step,
+        lambda: _config_changes(config, workdir),
+    )
     state = ckpt.restore(step, state)
+    checkpoint.check_finite_params(state.params, step, ckpt.directory)
     return state.params, model, step

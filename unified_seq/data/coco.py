@@ -6,9 +6,10 @@
     ROOT/{split}2017/<file_name>
 
 Any subset of the three files may exist (at least one); they are joined by
-image id, and keypoints are joined to instances by annotation id. Every
-problem in the files is a DataError naming the file, the annotation and the
-field. `examples_to_dataset` turns the examples into the TF example layout
+image id, and keypoints are joined to instances by annotation id. A problem
+in the files is a DataError naming the file, the annotation and the field, or,
+where the rest of the data stays usable, a counted skip (the table in
+`load_coco_json`). `examples_to_dataset` turns the examples into the TF example layout
 that the pipelines consume, the same layout `tfds_source.load_tfds` yields:
 
     image/id           int64[]
@@ -64,6 +65,9 @@ MAX_POLYGON_POINTS = 128
 SIMPLIFY_TOLERANCE = 1.0  # pixels
 _NAN_ROW = np.full([1, 2], np.nan, np.float32)
 _READ_BYTES = 1 << 24
+# Annotation files larger than this are refused unread (data.max_annotation_bytes):
+# COCO train's largest is 0.45 GB, and parsing costs about ten times the size.
+DEFAULT_MAX_ANNOTATION_BYTES = 4 << 30
 # Where the image ids of a file are read from first (see _listed_image_ids).
 _PREFIX_BYTES = 1 << 24
 # What the object hook leaves in place of another process's annotation.
@@ -157,6 +161,20 @@ def _annotation_files(coco_dir: str, split: str, kinds: Sequence[str]) -> dict[s
             "point data.coco_dir at a folder in the COCO 2017 layout",
         )
     return present
+
+
+def _check_sizes(paths: dict[str, str], limit: int) -> None:
+    """DataError for an annotation file over `limit` bytes (0: no limit), before it is read."""
+    if not limit:
+        return
+    for path in paths.values():
+        size = tf.io.gfile.stat(path).length
+        if size > limit:
+            raise DataError(
+                path,
+                f"annotation file is {size:,} bytes, more than data.max_annotation_bytes={limit:,}",
+                "raise --config.data.max_annotation_bytes (0 = no limit) if the file is right",
+            )
 
 
 def _check_layout(path: str, kind: str, content: dict) -> None:
@@ -311,16 +329,31 @@ class _Reader:
         self.kept_images = kept_images
         self.images: dict[int, _Image] = {}
         self.listed_images: set[int] = set()
+        self.file_names: dict[int, tuple[str, str]] = {}  # id → (file_name, first file)
+        self.dropped_ids: set = set()  # annotations dropped as boxes without area
         self.categories: dict[int, dict] = {}
         self.category_files: list[str] = []
         self.objects: dict[int, list[dict]] = {}
         self.by_ann_id: dict[Any, dict] = {}
         self.captions: dict[int, list[str]] = {}
         self.first_caption: dict[Any, tuple[str, int, dict]] = {}  # for errors: where, what
-        self.stats = {"rle_converted": 0, "dropped_polygons": 0}
+        self.stats = {
+            "rle_converted": 0,
+            "dropped_polygons": 0,
+            "dropped_boxes/empty": 0,
+            "dropped_boxes/outside": 0,
+            "clipped_boxes": 0,
+            "nan_keypoints": 0,
+            "empty_captions": 0,
+        }
 
     def add_images(self, path: str, images: list) -> None:
-        """Checks a file's `images` and keeps those of this process (the first file's entry)."""
+        """Checks a file's `images` and keeps those of this process (the first file's entry).
+
+        An id listed twice in one file, or with another file_name than in an
+        earlier file, is a DataError: which entry is meant cannot be known.
+        """
+        seen = set()
         for index, image in enumerate(images):
             if not isinstance(image, dict):
                 raise DataError(path, f"images[{index}] is not an object")
@@ -347,11 +380,29 @@ class _Reader:
                     path,
                     f"image {image['id']}: height/width must be positive integers, got {h}, {w}",
                 )
+            self._check_unique(path, image, seen)
             self.listed_images.add(image["id"])
             if image["id"] not in self.images and (
                 self.kept_images is None or image["id"] in self.kept_images
             ):
                 self.images[image["id"]] = _Image(image["file_name"], h, w, path)
+
+    def _check_unique(self, path: str, image: dict, seen: set) -> None:
+        image_id, name = image["id"], image["file_name"]
+        if image_id in seen:
+            raise DataError(
+                path,
+                f"image id {image_id} appears twice in 'images'",
+                "image ids must be unique; remove or renumber one entry",
+            )
+        seen.add(image_id)
+        earlier = self.file_names.setdefault(image_id, (name, path))
+        if earlier[0] != name:
+            raise DataError(
+                path,
+                f"image {image_id}: file_name {name!r} differs from {earlier[0]!r} in {earlier[1]}",
+                "an image id must name the same file in every annotation file",
+            )
 
     def add_categories(self, path: str, categories: list) -> None:
         """Merges a file's categories by id (the keypoint file adds `keypoints`)."""
@@ -363,19 +414,35 @@ class _Reader:
                 **category,
             }
 
-    def add_instance(self, path: str, ann: Any, index: int) -> dict:
-        """Checks one instance annotation and files it under its image."""
+    def add_instance(self, path: str, ann: Any, index: int) -> dict | None:
+        """Checks one instance annotation and files it under its image.
+
+        A box with a non-finite number is a DataError; one with zero or
+        negative width or height is dropped (None) and counted in
+        stats["dropped_boxes/empty"].
+        """
         _require(path, ann, index, ("id", "image_id", "category_id", "bbox"))
         bbox = _numbers(ann["bbox"], 4)
         if bbox is None:
             raise _ann_error(
                 path, ann, index, f"'bbox' must be 4 numbers [x, y, w, h], got {ann['bbox']}"
             )
-        if ann["id"] in self.by_ann_id:
+        if ann["id"] in self.by_ann_id or ann["id"] in self.dropped_ids:
             raise _ann_error(path, ann, index, "annotation id appears twice")
+        if not np.all(np.isfinite(bbox)):
+            raise _ann_error(
+                path,
+                ann,
+                index,
+                f"'bbox' {bbox.tolist()} holds a non-finite number (NaN or Infinity)",
+            )
         area = ann["area"] if "area" in ann else float(bbox[2] * bbox[3])
-        if not _is_number(area):
-            raise _ann_error(path, ann, index, f"'area' must be a number, got {area!r}")
+        if not _is_number(area) or not np.isfinite(area):
+            raise _ann_error(path, ann, index, f"'area' must be a finite number, got {area!r}")
+        if bbox[2] <= 0 or bbox[3] <= 0:
+            self.stats["dropped_boxes/empty"] += 1
+            self.dropped_ids.add(ann["id"])
+            return None
         record = {
             "id": ann["id"],
             "image_id": ann["image_id"],
@@ -394,9 +461,13 @@ class _Reader:
     def add_keypoints(self, path: str, ann: Any, index: int) -> None:
         """Attaches keypoints to the instance with the same annotation id (adding it if new)."""
         _require(path, ann, index, ("id", "image_id", "keypoints"))
+        if ann["id"] in self.dropped_ids:
+            return  # its box has no area (counted once, when it was dropped)
         record = self.by_ann_id.get(ann["id"])
         if record is None:
             record = self.add_instance(path, ann, index)
+            if record is None:
+                return
         elif record["image_id"] != ann["image_id"]:
             raise _ann_error(
                 path,
@@ -419,13 +490,22 @@ class _Reader:
                 f"'keypoints' must be 3 * {k} = {3 * k} numbers [x, y, v, ...], got {got} "
                 "(set config.data.num_keypoints to the data set's count)",
             )
-        record["keypoints"] = xyv.reshape(k, 3)[:, [1, 0, 2]]
+        yxv = xyv.reshape(k, 3)[:, [1, 0, 2]]
+        broken = ~np.all(np.isfinite(yxv), axis=1)
+        if broken.any():
+            # A point with NaN or Infinity is taken as not labelled (v=0), and counted.
+            yxv[broken] = 0.0
+            self.stats["nan_keypoints"] += int(broken.sum())
+        record["keypoints"] = yxv
 
     def add_caption(self, path: str, ann: Any, index: int) -> None:
         _require(path, ann, index, ("image_id", "caption"))
         if not isinstance(ann["caption"], str):
             raise _ann_error(path, ann, index, "'caption' must be a string")
         self.first_caption.setdefault(ann["image_id"], (path, index, ann))
+        if not ann["caption"].strip():
+            self.stats["empty_captions"] += 1  # nothing to learn or to score against
+            return
         self.captions.setdefault(ann["image_id"], []).append(ann["caption"])
 
     def finish(self, space: TokenSpace) -> CategoryMap:
@@ -480,8 +560,9 @@ class _Reader:
                     index,
                     "'segmentation' polygons must be flat lists of numbers [x1, y1, x2, y2, ...]",
                 )
-            if xy.size < 6:
-                self.stats["dropped_polygons"] += 1  # a polygon needs 3 points
+            if xy.size < 6 or not np.all(np.isfinite(xy)):
+                # A polygon needs 3 points; NaN would read as a polygon separator.
+                self.stats["dropped_polygons"] += 1
                 continue
             parts.append(xy.reshape(-1, 2)[:, ::-1])
         return join_polygons(parts)
@@ -495,12 +576,16 @@ class _Reader:
     def pop_objects(self, image_id: int, height: int, width: int) -> dict[str, Any]:
         """The `objects/*` entries of one image (example.py layout); its records are let go."""
         records = self.objects.pop(image_id, None)
+        if records:
+            yxyx, inside, clipped = clip_boxes(
+                np.stack([r["bbox"] for r in records]), height, width
+            )
+            self.stats["dropped_boxes/outside"] += int(np.sum(~inside))
+            self.stats["clipped_boxes"] += int(np.sum(clipped))
+            records = [r for r, keep in zip(records, inside, strict=True) if keep]
+            yxyx = yxyx[inside]
         if not records:
             return example_lib.empty_objects(self.num_keypoints)
-        xywh = np.stack([r["bbox"] for r in records])
-        yxyx = np.stack(
-            [xywh[:, 1], xywh[:, 0], xywh[:, 1] + xywh[:, 3], xywh[:, 0] + xywh[:, 2]], axis=1
-        )
         return {
             "objects/id": np.asarray([r["id"] for r in records], np.int64),
             "objects/bbox": yxyx,
@@ -510,6 +595,22 @@ class _Reader:
             "objects/polygons": [self.polygons(r, height, width) for r in records],
             "objects/keypoints": np.stack([self.keypoints(r) for r in records]),
         }
+
+
+def clip_boxes(xywh: np.ndarray, height: int, width: int) -> tuple[np.ndarray, ...]:
+    """COCO boxes float32[N, 4] (x, y, w, h) → clipped to the image.
+
+    Returns:
+      float32[N, 4] (ymin, xmin, ymax, xmax) pixels inside the image; bool[N]
+      boxes with area left inside the image; bool[N] of those, the ones clipping changed.
+    """
+    x0, y0 = xywh[:, 0], xywh[:, 1]
+    raw = np.stack([y0, x0, y0 + xywh[:, 3], x0 + xywh[:, 2]], axis=1).astype(np.float32)
+    limit = np.array([height, width, height, width], np.float32)
+    yxyx = np.clip(raw, 0.0, limit)
+    inside = (yxyx[:, 2] > yxyx[:, 0]) & (yxyx[:, 3] > yxyx[:, 1])
+    clipped = inside & np.any(yxyx != raw, axis=1)
+    return yxyx, inside, clipped
 
 
 def join_polygons(parts: list[np.ndarray]) -> np.ndarray:
@@ -627,12 +728,36 @@ def load_coco_json(
     process_index: int = 0,
     process_count: int = 1,
     kinds: Sequence[str] = KINDS,
+    max_annotation_bytes: int = DEFAULT_MAX_ANNOTATION_BYTES,
 ) -> tuple[list[dict], CategoryMap, dict]:
     """Reads one split of a data set in the COCO 2017 layout, or one process's share of it.
 
     Crowd regions are kept (`objects/is_crowd`); images without annotations are
     kept with no objects. Only the existence of image files is checked here;
-    images that fail to decode are the pipeline's business.
+    images that fail to decode are found by `inputs.load_split`.
+
+    Faults in the files are either a DataError naming the file, the image or
+    annotation id and the field, or dropped (or mended) and counted:
+
+      DataError: invalid JSON; a missing top-level key; a file over
+        `max_annotation_bytes`; a bbox that is not 4 numbers or holds NaN or
+        Infinity; an area that is not a finite number; keypoints that are
+        not 3 x K numbers; an annotation id twice; an image_id or
+        category_id not listed; an image id twice in one file's `images`;
+        one image id with two file_names; a file_name outside the image
+        folder; an RLE of another size than its image; a missing image file
+        under on_bad_image=fail.
+      Counted (stats key): a box with width or height <= 0, dropped
+        (dropped_boxes/empty); a box entirely outside its image, dropped
+        (dropped_boxes/outside); a box partly outside, clipped to the image
+        (clipped_boxes); a keypoint with NaN or Infinity, made unlabelled,
+        v=0 (nan_keypoints); a polygon of < 3 points or with NaN, dropped
+        (dropped_polygons); an empty or blank caption, dropped
+        (empty_captions); a missing image file under on_bad_image=skip,
+        dropped (skipped_images).
+
+    "The image" is the size the `images` entry gives; the decoded size may
+    differ (inputs.load_split counts that).
 
     With `process_count` n > 1, the process keeps the images `process_index::n`
     of the split's image ids in sorted order (what `examples.shard(n, index)`
@@ -650,13 +775,15 @@ def load_coco_json(
         image and counts it in stats["skipped_images"].
       process_index, process_count: this process's share of the images.
       kinds: the annotation files to read, of KINDS (those that exist).
+      max_annotation_bytes: a larger annotation file is a DataError, before
+        it is read (0: no limit).
 
     Returns:
       examples (example.py layout, sorted by image id; `image/filename` is the
       image's path, absolute when local; `image/encoded` b""), the category
       map, and counts over the examples: images, objects, crowd,
-      with_keypoints, with_masks, rle_converted, dropped_polygons, captions,
-      empty_images, skipped_images.
+      with_keypoints, with_masks, captions, empty_images, skipped_images and
+      the counts of the table above.
     """
     if on_bad_image not in BAD_IMAGE_POLICIES:
         raise ValueError(f"on_bad_image={on_bad_image!r}; choose one of {BAD_IMAGE_POLICIES}")
@@ -664,6 +791,7 @@ def load_coco_json(
         raise ValueError(f"kinds={kinds!r}; choose from {KINDS}")
     coco_dir = absolute_path(coco_dir)
     paths = _annotation_files(coco_dir, split, [k for k in KINDS if k in kinds])
+    _check_sizes(paths, max_annotation_bytes)
     shard = _process_shard(paths, process_index, process_count)
     kept, elsewhere = shard or (None, frozenset())
     reader = _Reader(num_keypoints, kept)

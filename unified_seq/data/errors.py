@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 class DataError(ValueError):
-    """Bad input data: the message names the file, the field and the fix."""
+    """Bad input data: a one-line message naming the file, the field and the fix."""
 
     def __init__(self, path: str, problem: str, fix: str = ""):
         self.path = path
@@ -13,4 +13,5 @@ class DataError(ValueError):
         message = f"{path}: {problem}"
         if fix:
             message += f" ({fix})"
-        super().__init__(message)
+        # One line: what a person running the command reads first (and often only).
+        super().__init__(" ".join(message.splitlines()))

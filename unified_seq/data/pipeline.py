@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from unified_seq.data import views
+from unified_seq.data import checks, image_decode, views
 from unified_seq.tasks.task import Labels, Task
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -38,6 +38,10 @@ def _options(config: Any) -> tf.data.Options:
     if threads:
         options.threading.private_threadpool_size = threads
     return options
+
+
+def _max_pixels(config: Any) -> int:
+    return int(config.data.get("max_image_pixels", image_decode.DEFAULT_MAX_PIXELS))
 
 
 def train_dataset(
@@ -73,8 +77,16 @@ def train_dataset(
       dataset of dicts: `image` float32[B, S, S, 3], `input_seq`,
       `target_seq` int32[B, *task.sequence_shape], `token_weights`, and the
       task's `num_truncated*` counts.
+
+    Raises:
+      DataError: no image of `examples` can train the task (it would never
+        yield a batch); found by reading annotations up to the first usable one.
     """
     ds = examples.filter(task.has_training_target)
+    if not checks.has_any(ds):
+        raise checks.no_target_error(
+            [task], getattr(labels, "stats", {}), getattr(labels, "annotation_files", {})
+        )
     ds = ds.shuffle(int(config.data.shuffle_buffer), seed=seed)
     ds = ds.repeat()
     seeds = tf.data.Dataset.random(seed=seed * 1000003).batch(2)
@@ -84,9 +96,10 @@ def train_dataset(
         rows = batch_size * process_count
         ds = ds.enumerate().filter(lambda k, _: (k % rows) // batch_size == process_index)
         ds = ds.map(lambda _, visit: visit)
+    max_pixels = _max_pixels(config)
     ds = ds.map(
         lambda visit, s: task.train_examples(
-            visit, views.decode_image(visit), tf.cast(s, tf.int64), labels
+            visit, views.decode_image(visit, max_pixels), tf.cast(s, tf.int64), labels
         ),
         num_parallel_calls=int(config.data.num_parallel_calls),
     )
@@ -162,8 +175,9 @@ def eval_dataset(
         # Examples with attached detections were already cut to max_examples.
         ds = ds.take(max_examples)
     ds = ds.shard(process_count, process_index)
+    max_pixels = _max_pixels(config)
     ds = ds.map(
-        lambda ex: task.eval_examples(ex, views.decode_image(ex), labels),
+        lambda ex: task.eval_examples(ex, views.decode_image(ex, max_pixels), labels),
         num_parallel_calls=AUTOTUNE,
     )
     ds = ds.unbatch()

@@ -13,18 +13,23 @@ from typing import Any
 
 import tensorflow as tf
 
-from unified_seq.data import transforms
+from unified_seq.data import image_decode, transforms
 
 
-def decode_image(example: dict) -> tf.Tensor:
-    """float32[h, w, 3] in [0, 1] from `image/encoded` or `image/filename`."""
+def decode_image(example: dict, max_pixels: int = image_decode.DEFAULT_MAX_PIXELS) -> tf.Tensor:
+    """float32[h, w, 3] in [0, 1] from `image/encoded` or `image/filename`, upright.
+
+    JPEGs are turned as their EXIF orientation says. An image whose header
+    declares more than `max_pixels` pixels (0: no limit) is refused before
+    decoding: InvalidArgumentError "<file> declares HxW pixels, ..."
+    (image_decode.decode).
+    """
     data = tf.cond(
         tf.strings.length(example["image/encoded"]) > 0,
         lambda: example["image/encoded"],
         lambda: tf.io.read_file(example["image/filename"]),
     )
-    image = tf.io.decode_image(data, channels=3, expand_animations=False)
-    image = tf.ensure_shape(image, [None, None, 3])
+    image = image_decode.decode(data, example["image/filename"], max_pixels)
     return tf.image.convert_image_dtype(image, tf.float32)
 
 
