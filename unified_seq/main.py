@@ -119,7 +119,7 @@ def run(config: Any, workdir: str, mode: str) -> None:
     logging.info("Config:\n%s", config)
     if mode == "eval":
         # Eval only reads: nothing is created in a workdir without a checkpoint.
-        step = checkpoint.locate(workdir)[1]
+        checkpoint.locate(workdir)  # FileNotFoundError before anything is created
         train.validate(config, training=False)
         params, model, step = train.restore_params(config, workdir)
         out = workdir if _writable(workdir_lib, workdir) else None

@@ -81,14 +81,6 @@ def _max_pixels(config: Any) -> int:
     return int(config.data.get("max_image_pixels", image_decode.DEFAULT_MAX_PIXELS))
 
 
-def find_undecodable(
-    files: Sequence[str], max_pixels: int = image_decode.DEFAULT_MAX_PIXELS
-) -> list[str]:
-    """Image files that cannot be used (unreadable, undecodable, or declaring more
-    than `max_pixels` pixels), found in one parallel pass."""
-    return image_decode.probe_images(files, max_pixels).bad
-
-
 def _bad_images_error(report: image_decode.ProbeReport, total: int, max_pixels: int) -> DataError:
     bad = report.bad
     first = bad[0]
