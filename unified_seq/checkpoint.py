@@ -151,6 +151,13 @@ class Checkpointer:
         steps = sorted(self.manager.all_steps(), reverse=True)
         if not steps:
             return None, None
+        if saved_keys(self._item(steps[0])) == ["params"]:
+            workdir = os.path.dirname(self.directory)
+            raise ConfigError(
+                f"{workdir} holds parameters only (step {steps[0]}, e.g. written by "
+                "unified_seq.import_official): there is no optimizer state to resume. To train "
+                f"from them, use a new --workdir with --config.init_from={workdir}"
+            )
         check_shapes(self._item(steps[0]), abstract_state.params, steps[0], describe_changes)
         failures = []
         for step in steps:
@@ -280,6 +287,14 @@ def locate(path: str, step: int | None = None) -> tuple[str, int]:
         f"no checkpoint under {path}: expected a run's workdir (with checkpoints/state/<step>/), "
         "its checkpoints folder, or one step's folder"
     )
+
+
+def saved_keys(item: str) -> list[str]:
+    """Top-level keys of the state saved in `item` (["params"]: imported); [] if unreadable."""
+    try:
+        return sorted(ocp.PyTreeCheckpointer().metadata(item).item_metadata.tree)
+    except Exception:  # noqa: BLE001 unreadable metadata: restore_latest falls back
+        return []
 
 
 def params_shapes(item: str) -> Any:

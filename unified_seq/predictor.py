@@ -135,6 +135,11 @@ def load_labels(workdir: str, config: Any) -> RunLabels:
     tokenizer = None
     if "captioning" in config.tasks:
         path = config.data.tokenizer_path or os.path.join(workdir, "tokenizer.model")
+        if not tf.io.gfile.exists(path):
+            raise FileNotFoundError(
+                f"{path} not found: captioning needs the run's SentencePiece model (an imported "
+                "run: import again with --config.data.tokenizer_path=<its .model file>)"
+            )
         tokenizer = CaptionTokenizer.load(path)
     return RunLabels(CategoryMap.load(categories), tokenizer)
 

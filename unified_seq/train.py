@@ -629,27 +629,30 @@ def _check_finite(metrics: Any, step: int, ckpt: checkpoint.Checkpointer) -> Non
 
 
 def restore_params(config: Any, workdir: str) -> tuple[Any, Any, int]:
-    """Parameters of the latest checkpoint in `workdir` (for `--mode eval`)."""
+    """Parameters of the latest checkpoint in `workdir` (for `--mode eval`).
+
+    Only the parameters are read, into the run's shardings: no optimizer
+    state is built or read, so a parameters-only checkpoint (import_official)
+    evaluates too.
+    """
     space = vocab.TokenSpace.from_config(config.vocab)
     mesh = sharding.mesh_from_config(config)
     model = build_model(config, space)
     total_steps = int(config.train.steps)
     optimizer = optim.make_optimizer(config.optim, total_steps)
-    state, _ = create_state(model, optimizer, config, mesh, max(sequence_lengths(config).values()))
-    ckpt = checkpoint.Checkpointer(
-        os.path.join(workdir, "checkpoints"), every=0, keep=int(config.train.keep_checkpoints)
+    seq_len = max(sequence_lengths(config).values())
+    abstract = jax.eval_shape(lambda: create_state(model, optimizer, config, mesh, seq_len)[0])
+    shardings = sharding.tree_shardings(abstract, mesh, sharding.rules_from_config(config))
+    params = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        abstract.params,
+        shardings.params,
     )
-    step = ckpt.latest_step()
-    if step is None:
-        raise FileNotFoundError(
-            f"no checkpoint in {ckpt.directory}; train first (--mode train) or fix --workdir"
-        )
-    checkpoint.check_shapes(
-        os.path.join(ckpt.directory, "state", str(step), checkpoint.STATE_ITEM),
-        state.params,
-        step,
-        lambda: _config_changes(config, workdir),
-    )
-    state = ckpt.restore(step, state)
-    checkpoint.check_finite_params(state.params, step, ckpt.directory)
-    return state.params, model, step
+    try:
+        item, step = checkpoint.locate(workdir)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e}; train first (--mode train) or fix --workdir") from e
+    checkpoint.check_shapes(item, params, step, lambda: _config_changes(config, workdir))
+    params = checkpoint.restore_params(item, params)
+    checkpoint.check_finite_params(params, step, os.path.dirname(os.path.dirname(item)))
+    return params, model, step
