@@ -171,6 +171,34 @@ def test_filter_logits_on_a_hand_made_distribution():
     np.testing.assert_array_equal(filter_logits(logits, top_p=0.85)[1], logits[1])
 
 
+def _nucleus_by_full_sort(logits, top_p):
+    """The definition: sort everything, keep the prefix of mass ≤ p (and the top token)."""
+    ordered = -jnp.sort(-logits, axis=-1)
+    cumulative = jnp.cumsum(jax.nn.softmax(ordered, axis=-1), axis=-1)
+    keep = (cumulative <= top_p).at[..., 0].set(True)
+    cut = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(logits < cut, MASKED_LOGIT, logits)
+
+
+@pytest.mark.parametrize("scale", [8.0, 0.05], ids=["nucleus-in-candidates", "flat-full-sort"])
+def test_nucleus_equals_the_full_sort_and_samples_the_same(scale):
+    # Peaked rows: the nucleus lies among the few largest logits (the fast
+    # path); nearly flat rows over 35000 tokens need the full sort.
+    r = np.random.default_rng(7)
+    logits = jnp.asarray(r.normal(size=(64, 35000)) * scale, jnp.float32)
+    for top_p in (0.1, 0.4, 0.9):
+        got = filter_logits(logits, top_p=top_p)
+        want = _nucleus_by_full_sort(logits, top_p)
+        np.testing.assert_array_equal(got > MASKED_LOGIT / 2, want > MASKED_LOGIT / 2)
+        key = jax.random.key(11)
+        np.testing.assert_array_equal(
+            jax.random.categorical(key, got), jax.random.categorical(key, want)
+        )
+    kept = np.sum(np.asarray(filter_logits(logits, top_p=0.9)) > MASKED_LOGIT / 2, axis=-1)
+    # The two cases do take the two paths.
+    assert (kept.max() < 64) if scale > 1 else (kept.min() > 64)
+
+
 def test_compiles_once_for_two_calls(setup):
     model, variables, encoded = setup
     traces = []

@@ -55,6 +55,47 @@ def test_token_loss_is_weighted_mean_cross_entropy():
     assert float(train.token_loss(logits, targets, jnp.zeros_like(weights))) == 0.0
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_integer_label_cross_entropy_equals_one_hot_cross_entropy(smoothing):
+    r = np.random.default_rng(3)
+    logits = jnp.asarray(r.normal(0, 4, (2, 3, 5, 300)), jnp.float32)  # [B, C, T, V]
+    targets = jnp.asarray(r.integers(0, 300, (2, 3, 5)), jnp.int32)
+
+    def one_hot_ce(z):
+        labels = optax.smooth_labels(jax.nn.one_hot(targets, 300), smoothing)
+        return optax.softmax_cross_entropy(z, labels)
+
+    def ours(z):
+        return train.cross_entropy(z, targets, smoothing)
+
+    np.testing.assert_allclose(ours(logits), one_hot_ce(logits), rtol=1e-5, atol=1e-5)
+    weights = jnp.asarray(r.random((2, 3, 5)), jnp.float32)
+    grad = jax.grad(lambda z: jnp.sum(ours(z) * weights))(logits)
+    expected = jax.grad(lambda z: jnp.sum(one_hot_ce(z) * weights))(logits)
+    np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_output_bias_gradient_is_the_plain_sums():
+    from unified_seq.models.decoder import add_output_bias
+
+    r = np.random.default_rng(4)
+    logits = jnp.asarray(r.normal(size=(3, 7, 50)), jnp.float32)
+    bias = jnp.asarray(r.normal(size=(50,)), jnp.float32)
+    g = jnp.asarray(r.normal(size=(3, 7, 50)), jnp.float32)
+
+    def plain(z, b):
+        return jnp.sum((z + b) * g)
+
+    def ours(z, b):
+        return jnp.sum(add_output_bias(z, b) * g)
+
+    np.testing.assert_array_equal(add_output_bias(logits, bias), logits + bias)
+    for got, want in zip(
+        jax.grad(ours, (0, 1))(logits, bias), jax.grad(plain, (0, 1))(logits, bias), strict=True
+    ):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_mixed_gradient_equals_weighted_sum_of_task_gradients():
     model = _model()
     params = _params(model)

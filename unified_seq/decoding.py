@@ -42,6 +42,8 @@ from unified_seq.vocab import EOS, PADDING
 
 # Masked logits stay finite (as in the official code) so softmax never sees NaN.
 MASKED_LOGIT = -1e10
+# Largest logits looked at before sorting all of them for a nucleus (filter_logits).
+NUCLEUS_CANDIDATES = 64
 
 
 def filter_logits(logits: jax.Array, *, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
@@ -65,11 +67,28 @@ def filter_logits(logits: jax.Array, *, top_k: int = 0, top_p: float = 1.0) -> j
         kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
         logits = jnp.where(logits < kth, MASKED_LOGIT, logits)
     if top_p < 1.0:
-        ordered = -jnp.sort(-logits, axis=-1)
-        cumulative = jnp.cumsum(jax.nn.softmax(ordered, axis=-1), axis=-1)
-        keep = (cumulative <= top_p).at[..., 0].set(True)
-        threshold = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
-        logits = jnp.where(logits < threshold, MASKED_LOGIT, logits)
+        log_total = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+
+        def threshold(ordered: jax.Array) -> tuple[jax.Array, jax.Array]:
+            # The smallest kept logit, from logits sorted in descending order,
+            # and the probability mass of all of them.
+            cumulative = jnp.cumsum(jnp.exp(ordered - log_total), axis=-1)
+            keep = (cumulative <= top_p).at[..., 0].set(True)
+            cut = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
+            return cut, cumulative[..., -1]
+
+        # Sorting all V logits is most of a decoding step's time (V = 35000);
+        # the nucleus almost always lies among the few largest. When the
+        # candidates' mass exceeds p in every row it does, and their cut is
+        # the full sort's; otherwise the full sort decides.
+        count = min(NUCLEUS_CANDIDATES, logits.shape[-1])
+        cut, mass = threshold(jax.lax.top_k(logits, count)[0])
+        cut = jax.lax.cond(
+            jnp.all(mass > top_p),
+            lambda: cut,
+            lambda: threshold(-jnp.sort(-logits, axis=-1))[0],
+        )
+        logits = jnp.where(logits < cut, MASKED_LOGIT, logits)
     return logits
 
 

@@ -65,6 +65,29 @@ def build_model(config: Any, space: vocab.TokenSpace):
     )
 
 
+def cross_entropy(logits: jax.Array, targets: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
+    """float32[...]: cross-entropy of integer targets under smoothed labels, exactly.
+
+    The smoothed label puts 1 - α on the target and α / V on every token, so
+    `CE = logsumexp(z) - (1 - α) · z_target - α · mean(z)`. No one-hot
+    [..., V] array is built: the target's logit is picked by a comparison
+    that fuses into the reduction, and its gradient into the softmax's
+    (one-hot labels cost a third of the loss's time at V = 35000 on CPU).
+
+    Args:
+      logits: float[..., V].
+      targets: int[...] in [0, V).
+      label_smoothing: α.
+    """
+    logits = logits.astype(jnp.float32)
+    tokens = jnp.arange(logits.shape[-1], dtype=targets.dtype)
+    picked = jnp.sum(jnp.where(tokens == targets[..., None], logits, 0.0), axis=-1)
+    ce = jax.nn.logsumexp(logits, axis=-1) - (1.0 - label_smoothing) * picked
+    if label_smoothing:
+        ce = ce - label_smoothing * jnp.mean(logits, axis=-1)
+    return ce
+
+
 def token_loss(
     logits: jax.Array,
     targets: jax.Array,
@@ -83,11 +106,7 @@ def token_loss(
         micro-batch passes its whole batch's, so micro-batch losses add up
         to the whole batch's.
     """
-    logits = logits.astype(jnp.float32)
-    labels = jax.nn.one_hot(targets, logits.shape[-1], dtype=logits.dtype)
-    if label_smoothing:
-        labels = optax.smooth_labels(labels, label_smoothing)
-    ce = optax.softmax_cross_entropy(logits, labels)
+    ce = cross_entropy(logits, targets, label_smoothing)
     total = jnp.sum(weights) if normalizer is None else normalizer
     return jnp.sum(ce * weights) / (total + 1e-9)
 

@@ -72,6 +72,30 @@ def token_embed_init(coord_range: tuple[int, int] | None) -> Callable[..., jax.A
     return init
 
 
+@jax.custom_vjp
+def add_output_bias(logits: jax.Array, bias: jax.Array) -> jax.Array:
+    """`logits + bias` for float32[..., V] and float32[V].
+
+    The same sum, with the bias gradient computed as a vector-matrix product
+    (ones · g) instead of a sum over rows: XLA's CPU backend runs that
+    [B·T, V] reduction as a slow loop (194 ms of a 0.9-s train step at
+    V = 35000), the product in a few milliseconds.
+    """
+    return logits + bias
+
+
+def _add_output_bias_fwd(logits: jax.Array, bias: jax.Array) -> tuple[jax.Array, None]:
+    return logits + bias, None
+
+
+def _add_output_bias_bwd(_: None, g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    rows = g.reshape(-1, g.shape[-1])
+    return g, jnp.einsum("n,nv->v", jnp.ones(rows.shape[:1], rows.dtype), rows)
+
+
+add_output_bias.defvjp(_add_output_bias_fwd, _add_output_bias_bwd)
+
+
 def attention_mask(num_queries: int, num_keys: int, index: jax.Array | int) -> jax.Array:
     """bool[T, S]: query t (absolute position index + t) sees key slots ≤ its position.
 
@@ -229,7 +253,7 @@ class Decoder(nn.Module):
         logits = jnp.einsum(
             "btw,vw->btv", x.astype(self.dtype), embedding, preferred_element_type=jnp.float32
         )
-        return logits + self.output_bias
+        return add_output_bias(logits, self.output_bias)
 
     def __call__(self, tokens: jax.Array, encoded: jax.Array, *, train: bool) -> jax.Array:
         """Teacher-forced logits.

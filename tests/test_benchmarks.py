@@ -1,0 +1,69 @@
+"""`python -m benchmarks.NAME` runs and reports its fields (timings are not asserted)."""
+
+import json
+
+import numpy as np
+
+from benchmarks import decode, peak
+from benchmarks import train as train_benchmark
+
+MACHINE = {"backend", "device", "devices", "cpus", "host", "jax"}
+
+
+def _last_line(path) -> dict:
+    lines = path.read_text().splitlines()
+    assert lines, "nothing appended"
+    return json.loads(lines[-1])
+
+
+def test_peak_reports_both_dtypes(tmp_path):
+    results = tmp_path / "results.jsonl"
+    printed = peak.main(["--size", "128", "--repeats", "2", "--results", str(results)])
+    record = _last_line(results)
+    assert record == printed and record["benchmark"] == "peak"
+    assert set(record["machine"]) == MACHINE
+    assert record["float32_gflops"] > 0 and record["bfloat16_gflops"] > 0
+
+
+def test_train_reports_flops_and_utilisation(tmp_path):
+    results = tmp_path / "results.jsonl"
+    sets = [
+        "model.enc_depth=1", "model.dec_depth=1", "model.enc_width=32", "model.dec_width=32",
+        "model.enc_mlp_dim=64", "model.dec_mlp_dim=64", "model.enc_heads=2", "model.dec_heads=2",
+        "data.image_size=64", "train.batch_size=2", "tasks.object_detection.batch_size=2",
+    ]  # fmt: skip
+    args = ["--config", "configs/single_task.py:object_detection", "--repeats", "1"]
+    args += ["--peak_size", "128", "--results", str(results)]
+    for s in sets:
+        args += ["--set", s]
+    record = train_benchmark.main(args)
+    assert _last_line(results) == record
+    assert record["step_s"] > 0 and record["images_per_s"] > 0
+    # XLA's count and the analytic matmul count agree to within the
+    # elementwise work the analytic count leaves out.
+    assert 0.5 < record["analytic_gflops_per_step"] / record["xla_gflops_per_step"] < 1.2
+    ratio = record["achieved_gflops"] / record["float32_gflops"]
+    assert record["mfu"] > 0 and abs(record["mfu"] - ratio) < 0.01
+
+
+def test_shared_config_is_the_side_by_side_model():
+    config = train_benchmark.shared_config()
+    model_flops = train_benchmark.analytic_flops(
+        config,
+        224,
+        {"object_detection": 128},
+        {"object_detection": {"image": np.zeros((8, 1, 1, 3)), "input_seq": np.zeros((8, 128))}},
+    )
+    assert round(model_flops / 1e9, 1) == 127.4  # XLA counts 129.2 with the elementwise ops
+
+
+def test_decode_reports_greedy_top_p_and_the_cache(tmp_path):
+    results = tmp_path / "results.jsonl"
+    record = decode.main(
+        ["--tiny", "--lengths", "8", "--batches", "2", "--recompute_batches", "2", "--repeats", "1"]
+        + ["--results", str(results)]
+    )
+    assert _last_line(results) == record
+    row = record["batch2_len8"]
+    assert row["greedy_tokens_per_s"] > 0 and row["top_p_tokens_per_s"] > 0
+    assert row["same_tokens"] is True and row["cached_speedup"] > 0
