@@ -33,7 +33,7 @@ def test_train_reports_flops_and_utilisation(tmp_path):
         "data.image_size=64", "train.batch_size=2", "tasks.object_detection.batch_size=2",
     ]  # fmt: skip
     args = ["--config", "configs/single_task.py:object_detection", "--repeats", "1"]
-    args += ["--peak_size", "128", "--results", str(results)]
+    args += ["--peak_size", "256", "--results", str(results)]
     for s in sets:
         args += ["--set", s]
     record = train_benchmark.main(args)
@@ -42,8 +42,9 @@ def test_train_reports_flops_and_utilisation(tmp_path):
     # XLA's count and the analytic matmul count agree to within the
     # elementwise work the analytic count leaves out.
     assert 0.5 < record["analytic_gflops_per_step"] / record["xla_gflops_per_step"] < 1.2
+    # MFU is the unrounded ratio of the two rounded figures beside it.
     ratio = record["achieved_gflops"] / record["float32_gflops"]
-    assert record["mfu"] > 0 and abs(record["mfu"] - ratio) < 0.01
+    assert record["mfu"] > 0 and abs(record["mfu"] - ratio) <= 0.05 * ratio + 1e-3
 
 
 def test_shared_config_is_the_side_by_side_model():
