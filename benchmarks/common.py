@@ -11,25 +11,13 @@ import datetime
 import json
 import os
 import platform
-import statistics
-import time
-from collections.abc import Callable
 from typing import Any
 
 import jax
 
+from benchmarks.timing import median_seconds  # noqa: F401 shared with the scripts
+
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.jsonl")
-
-
-def median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    """Median of `repeats` timed calls of `fn`, after one untimed call that compiles."""
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        tic = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - tic)
-    return statistics.median(times)
 
 
 def machine() -> dict[str, Any]:

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import median_seconds, report
-from benchmarks.train import SHARED
+from benchmarks.train import SHARED, shared_model_config
 from unified_seq import decoding
 from unified_seq.models import sizes
 
@@ -32,19 +32,7 @@ from unified_seq.models import sizes
 def build(max_len: int, vocab_size: int = 35000, zipf: float = 1.2, tiny: bool = False):
     """The side-by-side model, its variables (Zipf prior on the output bias) and a encoder."""
     s = SHARED if not tiny else dict(SHARED, depth=1, width=64, mlp=128, heads=2, image=64)
-    cfg = sizes.model_config(
-        "tiny",
-        patch_size=s["patch"],
-        enc_depth=s["depth"],
-        enc_width=s["width"],
-        enc_mlp_dim=s["mlp"],
-        enc_heads=s["heads"],
-        dec_depth=s["depth"],
-        dec_width=s["width"],
-        dec_mlp_dim=s["mlp"],
-        dec_heads=s["heads"],
-        dropout=0.0,
-    )
+    cfg = shared_model_config(s)
     model = sizes.build_model(cfg, vocab_size, max_len)
     image = jnp.zeros([1, s["image"], s["image"], 3])
     variables = jax.jit(model.init)(jax.random.key(0), image, jnp.zeros([1, 4], jnp.int32))

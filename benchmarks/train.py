@@ -34,20 +34,9 @@ from unified_seq.models import sizes
 SHARED = dict(image=224, patch=16, depth=4, width=256, mlp=1024, heads=4, seq=128, batch=8)
 
 
-def shared_config() -> ml_collections.ConfigDict:
-    """The side-by-side config: one detection task, official vocabulary (35000 tokens)."""
-    s = SHARED
-    config = ml_collections.ConfigDict()
-    config.seed = 0
-    config.vocab = defaults.vocab_config()
-    config.data = defaults.data_config()
-    config.data.image_size = s["image"]
-    config.tasks = ml_collections.ConfigDict(
-        {"object_detection": defaults.task_configs().object_detection}
-    )
-    config.tasks.object_detection.batch_size = s["batch"]
-    config.tasks.object_detection.weight = 1.0
-    config.model = sizes.model_config(
+def shared_model_config(s: dict[str, int]) -> ml_collections.ConfigDict:
+    """The `config.model` block of the side-by-side sizes `s` (see SHARED), dropout off."""
+    return sizes.model_config(
         "tiny",
         patch_size=s["patch"],
         enc_depth=s["depth"],
@@ -61,6 +50,22 @@ def shared_config() -> ml_collections.ConfigDict:
         dropout=0.0,
         drop_path=0.0,
     )
+
+
+def shared_config() -> ml_collections.ConfigDict:
+    """The side-by-side config: one detection task, official vocabulary (35000 tokens)."""
+    s = SHARED
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.vocab = defaults.vocab_config()
+    config.data = defaults.data_config()
+    config.data.image_size = s["image"]
+    config.tasks = ml_collections.ConfigDict(
+        {"object_detection": defaults.task_configs().object_detection}
+    )
+    config.tasks.object_detection.batch_size = s["batch"]
+    config.tasks.object_detection.weight = 1.0
+    config.model = shared_model_config(s)
     config.optim = defaults.optim_config()
     config.train = defaults.train_config()
     config.train.batch_size = s["batch"]
