@@ -410,3 +410,6 @@ def test_command_line_errors_are_one_line(tmp_path):
     assert len(errors) == 1 and "no TF checkpoint at" in errors[0], result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
+    usage = [sys.executable, "-m", "unified_seq.import_official", "--help"]
+    shown = subprocess.run(usage, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert shown.returncode == 0 and "--checkpoint" in shown.stdout

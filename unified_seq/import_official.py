@@ -469,5 +469,14 @@ def main(argv: list[str]) -> None:
         sys.exit(2 if isinstance(e, ConfigError) else 1)
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing, with `--help` exiting 0 (absl's own exits 1)."""
+    if any(arg in ("-h", "--help", "--helpshort", "--helpfull") for arg in argv[1:]):
+        print(__doc__)
+        print(flags.FLAGS.module_help(sys.modules[__name__]))
+        sys.exit(0)
+    return flags.FLAGS(argv)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
