@@ -72,7 +72,9 @@ def _fresh_params(config):
 
 
 def _named(tree) -> dict:
-    return {init_from._name(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+    return {
+        init_from.param_name(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(tree)
+    }
 
 
 def test_resize_rows_keeps_shared_rows_and_takes_fresh_ones():

@@ -283,11 +283,11 @@ def convert(
     """
     import jax
 
-    from unified_seq.init_from import resize_rows
+    from unified_seq.init_from import by_name, resize_rows
 
-    flat, treedef = jax.tree_util.tree_flatten_with_path(abstract)
-    paths = ["/".join(str(k.key) for k in p) for p, _ in flat]
-    ours = {p: tuple(x.shape) for p, (_, x) in zip(paths, flat, strict=True)}
+    named = by_name(abstract)
+    paths = list(named)
+    ours = {p: tuple(x.shape) for p, x in named.items()}
     matched = plan(
         {k: v.shape for k, v in official.items()}, ours, config, source or "the checkpoint"
     )
@@ -296,13 +296,14 @@ def convert(
         tree = fresh() if callable(fresh) else fresh
         if tree is None:
             raise ValueError("rows must be added, and no fresh parameters were given")
-        fresh_flat = dict(zip(paths, jax.tree.leaves(tree), strict=True))
+        fresh_flat = by_name(tree)
     leaves = []
     for path in paths:
         array = np.asarray(official[matched["names"][path]], np.float32)
         if path in matched["resized"] or path in matched["grown"]:
             array = np.asarray(resize_rows(array, np.asarray(fresh_flat[path], np.float32)))
         leaves.append(array)
+    treedef = jax.tree_util.tree_structure(abstract)
     return jax.tree_util.tree_unflatten(treedef, leaves), matched
 
 
@@ -346,6 +347,7 @@ def import_checkpoint(
     from unified_seq import checkpoint as checkpoint_lib
     from unified_seq import train, vocab
     from unified_seq.data.categories import CategoryMap
+    from unified_seq.init_from import by_name
     from unified_seq.tasks.tokenizer import CaptionTokenizer
 
     train.check_fields(config, training=False)
@@ -404,7 +406,7 @@ def import_checkpoint(
     if tokenizer is not None:
         tokenizer.save(os.path.join(out, "tokenizer.model"))
     count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-    shapes = dict(zip(*_flat_shapes(params), strict=True))
+    shapes = {p: x.shape for p, x in by_name(params).items()}
     report = {
         "source": prefix,
         "step": step,
@@ -439,13 +441,6 @@ def import_checkpoint(
             "--config.data.tokenizer_path=gs://pix2seq/multi_task/data/c4_en_32k_spm.model"
         )
     return report
-
-
-def _flat_shapes(tree: Any) -> tuple[list[str], list[tuple[int, ...]]]:
-    import jax
-
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return ["/".join(str(k.key) for k in p) for p, _ in flat], [x.shape for _, x in flat]
 
 
 def main(argv: list[str]) -> None:

@@ -87,15 +87,15 @@ def load_initial_params(path: str, params: Any, config: Any) -> Any:
     """
     item, step = checkpoint.locate(path)
     saved_tree = checkpoint.params_shapes(item)
-    saved = _by_name(saved_tree)
-    wanted = _by_name(params)
+    saved = by_name(saved_tree)
+    wanted = by_name(params)
     source_config = _source_config(item)
     _check_names(saved, wanted, item, config)
     _check_vocab(saved, wanted, item, config, source_config)
     resized = _check_shapes(saved, wanted, item, config)
 
     def abstract(key_path: Any, shape: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
-        target = wanted[_name(key_path)]
+        target = wanted[param_name(key_path)]
         same = shape.shape == target.shape
         where = target.sharding if same else _replicated(target.sharding)
         return jax.ShapeDtypeStruct(shape.shape, target.dtype, sharding=where)
@@ -103,10 +103,10 @@ def load_initial_params(path: str, params: Any, config: Any) -> Any:
     restored = checkpoint.restore_params(
         item, jax.tree_util.tree_map_with_path(abstract, saved_tree)
     )
-    restored = _by_name(restored)
+    restored = by_name(restored)
 
     def adapt(key_path: Any, target: jax.Array) -> jax.Array:
-        name = _name(key_path)
+        name = param_name(key_path)
         if name not in resized:
             return restored[name]
         resize = jax.jit(resize_rows, out_shardings=target.sharding)
@@ -127,12 +127,14 @@ def load_initial_params(path: str, params: Any, config: Any) -> Any:
     return loaded
 
 
-def _name(key_path: Any) -> str:
+def param_name(key_path: Any) -> str:
+    """ "decoder/pos_embed" for a parameter's tree path."""
     return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in key_path)
 
 
-def _by_name(tree: Any) -> dict[str, Any]:
-    return {_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+def by_name(tree: Any) -> dict[str, Any]:
+    """A parameter tree's leaves keyed by `param_name`, in tree order."""
+    return {param_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def _replicated(sharding: Any) -> Any:
