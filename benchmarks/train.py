@@ -9,6 +9,12 @@ sequence 128, batch 8, float32, dropout 0, every token weight 1 (the same
 math on both sides), one detection batch per step. `--config` times a
 config's own batch-mixing step on random tokens of its shapes.
 
+`--real` times batches drawn from the config's training pipelines on the
+embedded set instead (`--shared --real`: detection at the shared sizes,
+25 objects per sequence), where padding and the coordinates of noise objects
+carry weight 0: with `--set tasks.object_detection.projected_fraction=0.4`
+only the weighted positions are projected onto the vocabulary (loss.py).
+
 FLOPs per step come from XLA's cost analysis of the compiled step, next to an
 analytic count of the model's matmuls (3 × forward); MFU is the analytic
 count per second over the float32 matmul peak (benchmarks.peak) timed
@@ -29,9 +35,15 @@ import numpy as np
 from benchmarks.bench_config import load_config, override
 from benchmarks.common import median_seconds, report
 from unified_seq import defaults, optim, train, vocab
+from unified_seq.data import inputs, pipeline
 from unified_seq.models import sizes
+from unified_seq.tasks import build_tasks
 
 SHARED = dict(image=224, patch=16, depth=4, width=256, mlp=1024, heads=4, seq=128, batch=8)
+# Detection sequences of the pipeline at the shared length: 25 objects × 5
+# tokens, the prompt and EOS (127 tokens).
+SHARED_REAL_OBJECTS = 25
+REAL_BATCHES = 4  # pipeline batches the timed steps take in turn
 
 
 def shared_model_config(s: dict[str, int]) -> ml_collections.ConfigDict:
@@ -116,13 +128,45 @@ def _random_batches(config: Any, space: vocab.TokenSpace, lengths: dict, seed: i
     return out
 
 
-def measure(
-    config: Any, lengths: dict[str, int], repeats: int = 10, peak_size: int = 2048
-) -> dict[str, Any]:
-    """Times the jitted step of `config` on random batches with sequences of `lengths`.
+def pipeline_batches(config: Any, count: int) -> list[dict]:
+    """`count` training batches of every task, drawn from its tf.data pipeline."""
+    space = vocab.TokenSpace.from_config(config.vocab)
+    data = inputs.load_split(config, config.data.train_split, space)
+    batch_sizes = train.task_batch_sizes(config)
+    streams = {}
+    for k, (name, task) in enumerate(build_tasks(config).items()):
+        ds = pipeline.train_dataset(
+            task, data.examples, data, config, batch_size=batch_sizes[name], seed=k
+        )
+        iterator = iter(ds)
+        streams[name] = [inputs.next_numpy(iterator, data) for _ in range(count)]
+    batches = [{t: s[i] for t, s in streams.items()} for i in range(count)]
+    # Only the model's inputs (the pipeline also counts truncated objects).
+    keys = ("image", "input_seq", "target_seq", "token_weights")
+    return [{t: {k: b[k] for k in keys} for t, b in step.items()} for step in batches]
 
-    MFU: the analytic FLOPs per second over the float32 matmul peak of a
-    [peak_size]² product timed between the steps.
+
+def weighted_share(batches: list[dict]) -> dict[str, float]:
+    """Share of each task's sequence positions with loss weight > 0, over `batches`."""
+    tasks = batches[0]
+    return {
+        t: round(float(np.mean([np.mean(b[t]["token_weights"] != 0) for b in batches])), 3)
+        for t in tasks
+    }
+
+
+def measure(
+    config: Any,
+    lengths: dict[str, int],
+    repeats: int = 10,
+    peak_size: int = 2048,
+    batches: list[dict] | None = None,
+) -> dict[str, Any]:
+    """Times the jitted step of `config` with sequences of `lengths`.
+
+    `batches`: the steps' inputs, in turn (default: one batch of random
+    tokens, every position weighted). MFU: the analytic FLOPs per second over
+    the float32 matmul peak of a [peak_size]² product timed between the steps.
     """
     space = vocab.TokenSpace.from_config(config.vocab)
     model = sizes.build_model(
@@ -142,7 +186,7 @@ def measure(
         train=False,
     )["params"]
     state = train.TrainState(jnp.zeros([], jnp.int32), params, jax.jit(optimizer.init)(params))
-    batches = _random_batches(config, space, lengths)
+    batches = batches or [_random_batches(config, space, lengths)]
     step = jax.jit(
         train.make_train_step(
             model,
@@ -150,9 +194,11 @@ def measure(
             optim.schedule(config.optim, steps),
             train.task_weights(config),
             seed=0,
+            projected=train.projected_fractions(config),
+            loss_groups=jax.device_count(),
         )
     )
-    compiled = step.lower(state, batches).compile()  # compiled once: counted and timed
+    compiled = step.lower(state, batches[0]).compile()  # compiled once: counted and timed
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     # The step and the matmul peak alternate, so that both see the same
@@ -160,13 +206,15 @@ def measure(
     a = jax.random.normal(jax.random.key(0), (peak_size, peak_size), jnp.float32)
     product = jax.jit(jnp.matmul)
     step_times, peak_times = [], []
-    for _ in range(repeats):
-        step_times.append(median_seconds(lambda: compiled(state, batches)[1]["loss"], 1))
+    for i in range(repeats):
+        batch = batches[i % len(batches)]
+        step_times.append(median_seconds(lambda: compiled(state, batch)[1]["loss"], 1))  # noqa: B023
         peak_times.append(median_seconds(lambda: product(a, a), 1))  # noqa: B023
     seconds = statistics.median(step_times)
     peak = 2 * peak_size**3 / statistics.median(peak_times) / 1e9
-    images = sum(b["image"].shape[0] for b in batches.values())
-    flops = analytic_flops(config, size, lengths, batches)
+    images = sum(b["image"].shape[0] for b in batches[0].values())
+    # The model's FLOPs with every position projected (the official step's).
+    flops = analytic_flops(config, size, lengths, batches[0])
     return {
         "step_s": round(seconds, 4),
         "steps_per_s": round(1 / seconds, 3),
@@ -177,6 +225,8 @@ def measure(
         "parameters": int(sum(x.size for x in jax.tree.leaves(params))),
         "float32_gflops": round(peak, 1),
         "mfu": round(flops / seconds / 1e9 / peak, 3),
+        "weighted_share": weighted_share(batches),
+        "projected_fraction": train.projected_fractions(config),
     }
 
 
@@ -185,21 +235,24 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--shared", action="store_true", help="the side-by-side config")
     parser.add_argument("--config", default="configs/multitask_synthetic.py")
     parser.add_argument("--set", action="append", default=[], help="field.path=value")
+    parser.add_argument("--real", action="store_true", help="batches from the pipelines")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--peak_size", type=int, default=2048)
     parser.add_argument("--results", default="", help="results file (default results.jsonl)")
     args = parser.parse_args(argv)
-    if args.shared:
-        config = shared_config()
-        lengths = {"object_detection": SHARED["seq"]}
-    else:
-        config = load_config(args.config)
+    config = shared_config() if args.shared else load_config(args.config)
+    if args.shared and args.real:
+        config.data.source = "synthetic"
+        config.tasks.object_detection.max_instances = SHARED_REAL_OBJECTS
     for assignment in args.set:
         override(config, assignment)
-    if not args.shared:
-        lengths = train.sequence_lengths(config)
-    figures = measure(config, lengths, args.repeats, args.peak_size)
+    lengths = train.sequence_lengths(config)
+    if args.shared and not args.real:
+        lengths = {"object_detection": SHARED["seq"]}
+    batches = pipeline_batches(config, REAL_BATCHES) if args.real else None
+    figures = measure(config, lengths, args.repeats, args.peak_size, batches)
     name = {"shared": args.shared, "config": None if args.shared else args.config, "set": args.set}
+    name["real"] = args.real
     return report("train", name, figures, args.results)
 
 

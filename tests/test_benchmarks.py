@@ -5,6 +5,7 @@ import json
 import numpy as np
 
 from benchmarks import decode, peak
+from benchmarks import input as input_benchmark
 from benchmarks import train as train_benchmark
 
 MACHINE = {"backend", "device", "devices", "cpus", "host", "jax"}
@@ -25,13 +26,16 @@ def test_peak_reports_both_dtypes(tmp_path):
     assert record["float32_gflops"] > 0 and record["bfloat16_gflops"] > 0
 
 
+TINY = [
+    "model.enc_depth=1", "model.dec_depth=1", "model.enc_width=32", "model.dec_width=32",
+    "model.enc_mlp_dim=64", "model.dec_mlp_dim=64", "model.enc_heads=2", "model.dec_heads=2",
+    "data.image_size=64", "train.batch_size=2", "tasks.object_detection.batch_size=2",
+]  # fmt: skip
+
+
 def test_train_reports_flops_and_utilisation(tmp_path):
     results = tmp_path / "results.jsonl"
-    sets = [
-        "model.enc_depth=1", "model.dec_depth=1", "model.enc_width=32", "model.dec_width=32",
-        "model.enc_mlp_dim=64", "model.dec_mlp_dim=64", "model.enc_heads=2", "model.dec_heads=2",
-        "data.image_size=64", "train.batch_size=2", "tasks.object_detection.batch_size=2",
-    ]  # fmt: skip
+    sets = TINY
     args = ["--config", "configs/single_task.py:object_detection", "--repeats", "1"]
     args += ["--peak_size", "256", "--results", str(results)]
     for s in sets:
@@ -68,3 +72,21 @@ def test_decode_reports_greedy_top_p_and_the_cache(tmp_path):
     row = record["batch2_len8"]
     assert row["greedy_tokens_per_s"] > 0 and row["top_p_tokens_per_s"] > 0
     assert row["same_tokens"] is True and row["cached_speedup"] > 0
+
+
+def test_input_reports_each_tasks_rate_against_the_steps_consumption(tmp_path, monkeypatch):
+    monkeypatch.setenv("UNIFIED_SEQ_CACHE", str(tmp_path / "cache"))  # the generated set
+    results = tmp_path / "results.jsonl"
+    sets = TINY + [
+        "data.synthetic.num_train=16", "data.synthetic.num_val=4", "data.shuffle_buffer=8",
+        "tasks.object_detection.projected_fraction=0.7",
+    ]  # fmt: skip
+    args = ["--config", "configs/single_task.py:object_detection", "--results", str(results)]
+    args += ["--warmup", "1", "--batches", "2", "--repeats", "1", "--step_repeats", "1"]
+    record = input_benchmark.main(args + [a for s in sets for a in ("--set", s)])
+    assert _last_line(results) == record and record["benchmark"] == "input"
+    row = record["tasks"]["object_detection"]
+    assert row["batch"] == 2 and row["examples_per_s"] > 0
+    assert row["consumed_per_s"] == round(2 * record["train_steps_per_s"], 1)
+    assert row["headroom"] == round(row["examples_per_s"] / row["consumed_per_s"], 2)
+    assert record["input_steps_per_s"] > 0 and record["headroom"] > 0

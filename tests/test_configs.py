@@ -24,6 +24,7 @@ def _load(spec: str):
 
 SPECS = [
     "configs/multitask_synthetic.py",
+    "configs/multitask_synthetic_varied.py",
     "configs/multitask_coco.py",
     "configs/multitask_coco.py:1024",
     *[f"configs/single_task.py:{t}" for t in
@@ -114,4 +115,12 @@ def test_unknown_task_and_data_mixing_of_several_rows_fail_naming_the_field():
     config = _load("configs/multitask_synthetic.py")
     config.tasks.keypoints = config.tasks.keypoint_detection
     with pytest.raises(ValueError, match="config.tasks.keypoints: unknown task"):
+        train.validate(config)
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.5])
+def test_a_projected_fraction_outside_zero_to_one_fails_naming_the_field(fraction):
+    config = _load("configs/multitask_synthetic.py")
+    config.tasks.captioning.projected_fraction = fraction
+    with pytest.raises(ValueError, match=r"config.tasks.captioning.projected_fraction=.*\(0, 1\]"):
         train.validate(config)

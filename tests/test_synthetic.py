@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import threading
@@ -246,3 +247,231 @@ def test_ensure_synthetic_concurrent_calls(tmp_path):
     assert results == [target, target]
     assert os.listdir(tmp_path) == ["shared"]
     assert len(_coco(target, "instances", "train").getImgIds()) == 4
+
+
+# --- worlds and the tune split ----------------------------------------------------------
+
+# Digest of generate(seed=0, num_train=4, num_val=2, image_size=128) as made before the
+# varied world and the tune split existed: the plain default must not change.
+PLAIN_DIGEST = "4cb369584bae0b6ce069dfdd587ab32c7d276dc5cfab140a607b35b46390bffa"
+VARIED = {"seed": 3, "num_train": 6, "num_val": 3, "num_tune": 3, "image_size": 128}
+VARIED_SPLITS = ("train", "val", "tune")
+
+
+def _digest(root: str) -> str:
+    """sha256 over every file's path and content, PNGs by their decoded pixels (so the
+    digest does not depend on the PNG encoder's version)."""
+    digest = hashlib.sha256()
+    for folder, _, names in sorted(os.walk(root)):
+        for name in sorted(names):
+            path = os.path.join(folder, name)
+            digest.update(os.path.relpath(path, root).encode())
+            if name.endswith(".png"):
+                pixels = np.asarray(Image.open(path).convert("RGB"))
+                digest.update(str(pixels.shape).encode() + pixels.tobytes())
+            else:
+                with open(path, "rb") as f:
+                    digest.update(f.read())
+    return digest.hexdigest()
+
+
+def test_plain_set_is_unchanged(tmp_path):
+    root = synthetic.generate(str(tmp_path), seed=0, num_train=4, num_val=2, image_size=128)
+    assert _digest(root) == PLAIN_DIGEST
+
+
+@pytest.fixture(scope="module")
+def varied_dir(tmp_path_factory) -> str:
+    out = str(tmp_path_factory.mktemp("varied"))
+    return synthetic.generate(out, **VARIED, variety="varied")
+
+
+@pytest.fixture(scope="module")
+def varied_records() -> list[synthetic.ImageRecord]:
+    return [synthetic.make_image(0, "train", i, 128, "varied") for i in range(80)]
+
+
+def test_varied_layout_determinism_and_tune_split(varied_dir, tmp_path):
+    files = _files(varied_dir)
+    expected = {f"annotations/{k}_{s}2017.json" for k in KINDS for s in VARIED_SPLITS}
+    assert expected <= set(files)
+    for split in VARIED_SPLITS:
+        assert sum(n.startswith(f"{split}2017/") for n in files) == VARIED[f"num_{split}"]
+    with open(os.path.join(varied_dir, synthetic.MARKER)) as f:
+        marker = json.load(f)
+    assert marker["variety"] == "varied" and marker["num_tune"] == VARIED["num_tune"]
+
+    again = _files(synthetic.generate(str(tmp_path / "again"), **VARIED, variety="varied"))
+    assert again == files
+
+    ids = {s: sorted(_coco(varied_dir, "instances", s).getImgIds()) for s in VARIED_SPLITS}
+    assert ids["tune"][0] == ids["val"][-1] + 1  # after val's, so ids never collide
+    pixels = {
+        split: [n for n in files if n.startswith(f"{split}2017/")] for split in ("val", "tune")
+    }
+    val_images = {files[n] for n in pixels["val"]}
+    assert not val_images & {files[n] for n in pixels["tune"]}  # its own random stream
+
+
+def test_tune_split_reads_like_val(varied_dir):
+    from unified_seq.data import coco
+    from unified_seq.vocab import TokenSpace
+
+    loaded = {s: coco.load_coco_json(varied_dir, s, TokenSpace()) for s in ("val", "tune")}
+    (val, val_map, _), (tune, tune_map, tune_stats) = loaded["val"], loaded["tune"]
+    assert tune_map == val_map
+    assert tune_stats["images"] == len(tune) == VARIED["num_tune"]
+    assert {int(e["image/id"]) for e in val}.isdisjoint(int(e["image/id"]) for e in tune)
+
+
+def test_varied_images_vary(varied_records):
+    sides = np.array([(r.height, r.width) for r in varied_records])
+    assert sides.max(1).min() >= 159 and sides.max(1).max() <= 401
+    aspect = sides[:, 1] / sides[:, 0]
+    assert aspect.min() >= 0.49 and aspect.max() <= 2.01
+    assert aspect.min() < 0.7 and aspect.max() > 1.4
+    objects = [sum(not i.iscrowd for i in r.instances) for r in varied_records]
+    persons = [sum(i.figure is not None for i in r.instances) for r in varied_records]
+    assert min(objects) == 0 and max(objects) == synthetic.VARIED.max_objects
+    assert max(persons) >= 2
+    assert {r.texture for r in varied_records} == set(synthetic.TEXTURES)
+    sizes = [np.sqrt(i.bbox[2] * i.bbox[3]) for r in varied_records for i in r.instances]
+    assert min(sizes) < 12 and max(sizes) > 150
+
+
+def _is_whole_shape(inst: synthetic.Instance) -> bool:
+    """Whether a shape's polygon is still the regular polygon it was drawn as (not traced)."""
+    vertices = {3: synthetic.CIRCLE_VERTICES, 6: 4, 9: 3}[inst.category_id]
+    return len(inst.polygons) == 1 and len(inst.polygons[0]) == vertices
+
+
+def test_varied_polygons_are_the_painted_visible_parts(varied_records):
+    ious, occluded = [], 0
+    for r in varied_records:
+        for k, inst in enumerate(r.instances):
+            painted = r.owner == k
+            written = mask_utils.decode(synthetic.instance_rle(inst, r.height, r.width)) > 0
+            ious.append(_iou(written, painted))
+            if inst.figure is None:
+                assert np.all(r.pixels[painted] == synthetic.COLORS[inst.color])
+            else:
+                colors = [synthetic.PERSON_COLORS[c] for c in ("body", "left")]
+                on_person = [np.all(r.pixels[painted] == c, -1) for c in colors]
+                assert np.all(on_person[0] | on_person[1])
+            if inst.iscrowd:
+                continue
+            x, y, w, h = inst.bbox
+            points = np.concatenate(inst.polygons)
+            np.testing.assert_allclose([x, y, w, h], [*points.min(0), *np.ptp(points, 0)])
+            in_frame = x >= 1 and y >= 1 and x + w <= r.width - 1 and y + h <= r.height - 1
+            if inst.figure is None and not _is_whole_shape(inst) and in_frame:
+                occluded += 1
+    assert occluded >= 10
+    assert min(ious) >= synthetic.VARIED.min_agreement
+    assert np.mean(ious) >= 0.98
+
+
+def test_varied_files_agree_with_pixels(varied_dir):
+    ious = []
+    for split in VARIED_SPLITS:
+        instances = _coco(varied_dir, "instances", split)
+        for image in instances.loadImgs(instances.getImgIds()):
+            path = os.path.join(varied_dir, f"{split}2017", image["file_name"])
+            pixels = np.asarray(Image.open(path).convert("RGB"))
+            h, w = image["height"], image["width"]
+            for ann in instances.loadAnns(instances.getAnnIds([image["id"]])):
+                if ann["iscrowd"]:
+                    continue
+                assert sum(len(p) for p in ann["segmentation"]) <= 2 * 128
+                polygon = _polygon_mask(ann, h, w)
+                assert ann["area"] == polygon.sum()
+                if ann["category_id"] == synthetic.PERSON_ID:
+                    colors = [synthetic.PERSON_COLORS[c] for c in ("body", "left")]
+                else:  # touching shapes get different colours: the majority is its own
+                    inside = pixels[polygon]
+                    votes = [np.all(inside == c, -1).sum() for c in synthetic.COLORS.values()]
+                    colors = [list(synthetic.COLORS.values())[int(np.argmax(votes))]]
+                ious.append(_iou(polygon, _instance_pixels(pixels, ann["bbox"], colors)))
+    assert len(ious) >= 30
+    assert min(ious) >= 0.9
+
+
+def test_varied_persons_have_no_dots_and_labelled_keypoints(varied_records):
+    flags, on_person, facing = [], [], set()
+    for r in varied_records:
+        for color in ("visible", "occluded"):
+            assert not np.any(np.all(r.pixels == synthetic.PERSON_COLORS[color], -1))
+        for k, inst in enumerate(r.instances):
+            if inst.figure is None:
+                continue
+            v = inst.figure.visibility
+            flags.append(v)
+            x, y = inst.figure.keypoints.T
+            inside = (x >= 0) & (y >= 0) & (x < r.width) & (y < r.height)
+            assert np.all((v == 0) == ~inside)
+            shown = v == 2
+            rows, cols = y[shown].astype(int), x[shown].astype(int)
+            on_person += list(r.owner[rows, cols] == k)
+            facing.add(bool(x[5] > x[6]))  # left shoulder right of the right one: front view
+    flags = np.concatenate(flags)
+    assert np.sum(flags == 1) > 0 and np.sum(flags == 0) > 0 and np.mean(flags == 2) > 0.6
+    assert np.mean(on_person) >= 0.95
+    assert facing == {True, False}  # some figures seen from behind, mirrored
+
+
+def test_varied_crowd_regions_are_coco_crowds(varied_dir):
+    from unified_seq.data import coco
+    from unified_seq.vocab import TokenSpace
+
+    crowds = []
+    for split in VARIED_SPLITS:
+        instances = _coco(varied_dir, "instances", split)
+        keypoint_ids = set(_coco(varied_dir, "person_keypoints", split).getAnnIds())
+        for ann in instances.loadAnns(instances.getAnnIds(iscrowd=True)):
+            image = instances.loadImgs([ann["image_id"]])[0]
+            h, w = image["height"], image["width"]
+            seg = ann["segmentation"]
+            assert seg["size"] == [h, w] and isinstance(seg["counts"], list)
+            mask = mask_utils.decode(mask_utils.frPyObjects(seg, h, w))
+            assert ann["area"] == mask.sum() > 0
+            np.testing.assert_allclose(ann["bbox"], mask_utils.toBbox(mask_utils.encode(mask)))
+            assert ann["category_id"] in synthetic.SHAPE_IDS.values()
+            assert ann["id"] not in keypoint_ids
+            crowds.append((split, ann["id"]))
+    assert crowds
+    split, ann_id = crowds[0]
+    examples, _, stats = coco.load_coco_json(varied_dir, split, TokenSpace())
+    assert stats["crowd"] >= 1
+    for ex in examples:
+        index = list(ex["objects/id"]).index(ann_id) if ann_id in ex["objects/id"] else None
+        if index is not None:
+            assert ex["objects/is_crowd"][index] and len(ex["objects/polygons"][index]) == 0
+
+
+def test_varied_captions_are_five_and_true(varied_records):
+    numbers = {word: n for n, word in synthetic.NUMBER_WORDS.items()}
+    for r in varied_records:
+        texts = synthetic.captions(r)
+        assert len(texts) == 5 and len(set(texts)) == 5
+        assert all(t == t.lower() and t.strip() == t for t in texts)
+        shapes = [i for i in r.instances if i.figure is None and not i.iscrowd]
+        count = texts[2]  # "there are two shapes and ...", "there is a person and no shapes"
+        told = 0 if "no shapes" in count or "no objects" in count else numbers[count.split()[2]]
+        assert told == len(shapes), count
+        assert r.texture in texts[0] and r.background in texts[0]
+        named = {c for c in synthetic.COLORS if f" {c} " in f" {texts[0]} "}
+        assert named <= {i.color for i in r.instances if i.figure is None}
+
+
+def test_varied_options_name_their_own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("UNIFIED_SEQ_CACHE", str(tmp_path))
+    plain = synthetic.ensure_synthetic({**_cfg(), "num_tune": 0, "variety": "plain"})
+    assert os.path.basename(plain) == "synthetic-g1-s0-n4-v2-px64"  # as before the options
+    with open(os.path.join(plain, synthetic.MARKER)) as f:
+        assert set(json.load(f)) == {"generator_version", "seed", "num_train", "num_val",
+                                     "image_size"}  # fmt: skip
+    varied = synthetic.ensure_synthetic({**_cfg(), "num_tune": 1, "variety": "varied"})
+    assert os.path.basename(varied) == "synthetic-g1-s0-n4-v2-px64-t1-varied"
+    assert len(_coco(varied, "instances", "tune").getImgIds()) == 1
+    with pytest.raises(ValueError, match="variety"):
+        synthetic.ensure_synthetic({**_cfg(), "variety": "fancy"})

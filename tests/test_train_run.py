@@ -12,6 +12,7 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from unified_seq import defaults, evaluate, train
 from unified_seq.data import synthetic
@@ -64,12 +65,38 @@ def test_tiny_model_overfits_sixteen_images(data_dir, tmp_path):
     config.train.update(steps=400, batch_size=16, checkpoint_every=0, log_every=100)
     config.optim.update(learning_rate=3e-3, warmup_steps=20, end_factor=0.01, weight_decay=0.0)
     config.data.eval_split = "train"
+    config.train.eval_every = 200
     workdir = str(tmp_path)
-    state, model = train.train(config, workdir)
-    report = evaluate.evaluate(config, workdir, state.params, model, int(state.step))
+    reports = []
+
+    def evaluate_fn(step, params, model):
+        reports.append(evaluate.evaluate(config, workdir, params, model, step))
+
+    state, model = train.train(config, workdir, evaluate_fn)
+    evaluate_fn(int(state.step), state.params, model)
+    report = reports[-1]
     assert report["object_detection"]["AP"] >= 0.9, report
     with open(os.path.join(workdir, "eval_results.json")) as f:
         assert json.load(f)["object_detection"]["AP"] == report["object_detection"]["AP"]
+    # Each evaluation's metrics reach TensorBoard at its step, beside the losses.
+    assert [r["step"] for r in reports] == [200, 400]
+    charts = _scalars(os.path.join(workdir, "eval"))
+    expected = {r["step"]: r["object_detection"]["AP"] for r in reports}
+    assert charts["object_detection/AP"] == pytest.approx(expected, rel=1e-6)  # float32
+    assert set(charts) == {"object_detection/AP", "object_detection/AP50", "object_detection/AP75"}
+    assert {"loss", "loss/object_detection"} <= set(_scalars(workdir))
+
+
+def _scalars(logdir: str) -> dict[str, dict[int, float]]:
+    """{tag: {step: value}} of the TensorBoard event files directly in `logdir`."""
+    charts = {}
+    for name in tf.io.gfile.listdir(logdir):
+        if name.startswith("events.out.tfevents"):
+            for event in tf.compat.v1.train.summary_iterator(os.path.join(logdir, name)):
+                for value in event.summary.value:
+                    number = float(tf.make_ndarray(value.tensor))
+                    charts.setdefault(value.tag, {})[event.step] = number
+    return charts
 
 
 def test_a_task_can_have_its_own_batch_size(data_dir):

@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from unified_seq import train
+from unified_seq import loss, train
 from unified_seq.models import sizes
 
 VOCAB = 64
@@ -49,10 +49,10 @@ def test_token_loss_is_weighted_mean_cross_entropy():
     weights = jnp.array([[1.0, 0.5]])
     ce = -jax.nn.log_softmax(logits)[0, [0, 1], [0, 2]]
     expected = (ce[0] * 1.0 + ce[1] * 0.5) / 1.5
-    assert float(train.token_loss(logits, targets, weights)) == pytest.approx(
+    assert float(loss.token_loss(logits, targets, weights)) == pytest.approx(
         float(expected), rel=1e-5
     )
-    assert float(train.token_loss(logits, targets, jnp.zeros_like(weights))) == 0.0
+    assert float(loss.token_loss(logits, targets, jnp.zeros_like(weights))) == 0.0
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
@@ -66,7 +66,7 @@ def test_integer_label_cross_entropy_equals_one_hot_cross_entropy(smoothing):
         return optax.softmax_cross_entropy(z, labels)
 
     def ours(z):
-        return train.cross_entropy(z, targets, smoothing)
+        return loss.cross_entropy(z, targets, smoothing)
 
     np.testing.assert_allclose(ours(logits), one_hot_ce(logits), rtol=1e-5, atol=1e-5)
     weights = jnp.asarray(r.random((2, 3, 5)), jnp.float32)
@@ -113,7 +113,7 @@ def test_mixed_gradient_equals_weighted_sum_of_task_gradients():
             b = batches[task]
             logits, _ = model.apply({"params": p}, b["image"], b["input_seq"], train=True,
                                     rngs={"dropout": jax.random.fold_in(rng, i)})  # fmt: skip
-            return train.token_loss(logits, b["target_seq"], b["token_weights"])
+            return loss.token_loss(logits, b["target_seq"], b["token_weights"])
 
         loss_t, g = jax.value_and_grad(single)(params)
         assert float(loss_t) == pytest.approx(float(losses[task]), rel=1e-6)

@@ -24,6 +24,7 @@ import jax
 import numpy as np
 import tensorflow as tf
 from absl import logging
+from clu import metric_writers
 from jax.experimental import multihost_utils
 
 from unified_seq import coco_metrics, sharding, vocab
@@ -281,8 +282,31 @@ def evaluate(
         line = json.dumps({**report, "wall_time": round(time.time(), 1)})
         with tf.io.gfile.GFile(history, "w") as f:
             f.write(lines + line + "\n")
+        write_scalars(workdir, report)
     logging.info("Evaluation at step %d: %s", step, report)
     return report
+
+
+def metric_scalars(report: Mapping[str, Any]) -> dict[str, float]:
+    """`{"object_detection": {"AP": x}}` → `{"object_detection/AP": x}`: each task's metrics."""
+    return {
+        f"{task}/{name}": float(value)
+        for task, metrics in report.items()
+        if isinstance(metrics, Mapping)
+        for name, value in metrics.items()
+        if isinstance(value, int | float)
+    }
+
+
+def write_scalars(workdir: str, report: Mapping[str, Any]) -> None:
+    """Adds the report's metrics at its step to TensorBoard, in the run's `eval` folder.
+
+    Beside the training losses (the run's own folder), one chart per task and
+    metric shows which task lags while the run goes on (`train.eval_every`).
+    """
+    writer = metric_writers.create_default_writer(os.path.join(workdir, "eval"))
+    writer.write_scalars(int(report["step"]), metric_scalars(report))
+    writer.close()
 
 
 def _gather(results: list[dict]) -> list[dict]:

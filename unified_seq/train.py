@@ -18,6 +18,7 @@ restores the newest readable, finite checkpoint (checkpoint.py).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -37,6 +38,7 @@ from unified_seq import checkpoint, evaluate, init_from, optim, preemption, shar
 from unified_seq import workdir as workdir_lib
 from unified_seq.data import inputs, pipeline
 from unified_seq.errors import CheckpointError, ConfigError, NonFiniteError, Preempted
+from unified_seq.loss import hidden_token_loss, token_loss
 from unified_seq.models import sizes
 from unified_seq.tasks import build_tasks
 
@@ -65,52 +67,6 @@ def build_model(config: Any, space: vocab.TokenSpace):
     )
 
 
-def cross_entropy(logits: jax.Array, targets: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
-    """float32[...]: cross-entropy of integer targets under smoothed labels, exactly.
-
-    The smoothed label puts 1 - α on the target and α / V on every token, so
-    `CE = logsumexp(z) - (1 - α) · z_target - α · mean(z)`. No one-hot
-    [..., V] array is built: the target's logit is picked by a comparison
-    that fuses into the reduction, and its gradient into the softmax's
-    (one-hot labels cost a third of the loss's time at V = 35000 on CPU).
-
-    Args:
-      logits: float[..., V].
-      targets: int[...] in [0, V).
-      label_smoothing: α.
-    """
-    logits = logits.astype(jnp.float32)
-    tokens = jnp.arange(logits.shape[-1], dtype=targets.dtype)
-    picked = jnp.sum(jnp.where(tokens == targets[..., None], logits, 0.0), axis=-1)
-    ce = jax.nn.logsumexp(logits, axis=-1) - (1.0 - label_smoothing) * picked
-    if label_smoothing:
-        ce = ce - label_smoothing * jnp.mean(logits, axis=-1)
-    return ce
-
-
-def token_loss(
-    logits: jax.Array,
-    targets: jax.Array,
-    weights: jax.Array,
-    label_smoothing: float = 0.0,
-    normalizer: jax.Array | None = None,
-) -> jax.Array:
-    """Token-weighted cross-entropy `Σ w·CE / Σ w` (official normalisation).
-
-    Args:
-      logits: float32[..., T, V].
-      targets: int32[..., T].
-      weights: float32[..., T]; zero on prompts and padding.
-      label_smoothing: mass spread uniformly over the vocabulary.
-      normalizer: the `Σ w` to divide by; default these weights' own. A
-        micro-batch passes its whole batch's, so micro-batch losses add up
-        to the whole batch's.
-    """
-    ce = cross_entropy(logits, targets, label_smoothing)
-    total = jnp.sum(weights) if normalizer is None else normalizer
-    return jnp.sum(ce * weights) / (total + 1e-9)
-
-
 def task_losses(
     params: Any,
     model: Any,
@@ -120,27 +76,39 @@ def task_losses(
     train: bool = True,
     label_smoothing: float = 0.0,
     normalizers: Mapping[str, jax.Array] | None = None,
+    projected: Mapping[str, float] | None = None,
+    loss_groups: int = 1,
 ) -> dict[str, jax.Array]:
     """Loss of each task's batch; each task encodes its own images.
 
     `normalizers[task]` replaces the batch's own `Σ w` (see `token_loss`).
+    `projected[task]` < 1 projects only the weighted positions of the task's
+    batch, in `loss_groups` groups of rows (`loss.hidden_token_loss`): the
+    same loss, fewer FLOPs; a task not in `projected` projects every position.
     """
     losses = {}
     for i, task in enumerate(sorted(batches)):
         batch = batches[task]
-        logits, _ = model.apply(
-            {"params": params},
-            batch["image"],
-            batch["input_seq"],
-            train=train,
-            rngs={"dropout": jax.random.fold_in(rng, i)},
-        )
-        losses[task] = token_loss(
-            logits,
+        inputs = (batch["image"], batch["input_seq"])
+        rngs = {"dropout": jax.random.fold_in(rng, i)}
+        normalizer = None if normalizers is None else normalizers[task]
+        fraction = (projected or {}).get(task, 1.0)
+        if fraction >= 1:
+            logits, _ = model.apply({"params": params}, *inputs, train=train, rngs=rngs)
+            losses[task] = token_loss(
+                logits, batch["target_seq"], batch["token_weights"], label_smoothing, normalizer
+            )
+            continue
+        hidden = model.apply({"params": params}, *inputs, train=train, rngs=rngs, method="hidden")
+        losses[task] = hidden_token_loss(
+            lambda h: model.apply({"params": params}, h, method="logits"),
+            hidden,
             batch["target_seq"],
             batch["token_weights"],
-            label_smoothing,
-            None if normalizers is None else normalizers[task],
+            fraction=fraction,
+            groups=loss_groups,
+            label_smoothing=label_smoothing,
+            normalizer=normalizer,
         )
     return losses
 
@@ -153,10 +121,19 @@ def mixed_loss(
     weights: Mapping[str, float],
     label_smoothing: float = 0.0,
     normalizers: Mapping[str, jax.Array] | None = None,
+    projected: Mapping[str, float] | None = None,
+    loss_groups: int = 1,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """`Σ_t λ_t L_t` and the per-task losses (`normalizers`: see `task_losses`)."""
+    """`Σ_t λ_t L_t` and the per-task losses (the options: see `task_losses`)."""
     losses = task_losses(
-        params, model, batches, rng, label_smoothing=label_smoothing, normalizers=normalizers
+        params,
+        model,
+        batches,
+        rng,
+        label_smoothing=label_smoothing,
+        normalizers=normalizers,
+        projected=projected,
+        loss_groups=loss_groups,
     )
     total = sum(weights[t] * losses[t] for t in losses)
     return total, losses
@@ -171,6 +148,8 @@ def make_train_step(
     seed: int,
     label_smoothing: float = 0.0,
     microbatches: int = 1,
+    projected: Mapping[str, float] | None = None,
+    loss_groups: int = 1,
 ) -> Callable:
     """The pure step `(state, batches) → (state, metrics)`; jit it with shardings.
 
@@ -180,8 +159,10 @@ def make_train_step(
     task's loss is divided by its whole batch's `Σ w`, so the micro-batches'
     losses and gradients add up to the whole batch's: the same update
     (dropout aside: each micro-batch draws its own masks).
+    `projected` and `loss_groups`: see `task_losses`.
     """
-    grad_fn = jax.value_and_grad(mixed_loss, has_aux=True)
+    projection = {"projected": projected, "loss_groups": loss_groups}
+    grad_fn = functools.partial(jax.value_and_grad(mixed_loss, has_aux=True), **projection)
 
     def split(x: jax.Array) -> jax.Array:
         # [B, ...] → [k, B / k, ...], micro-batch j holding rows j, j + k, …:
@@ -246,6 +227,13 @@ def task_weights(config: Any) -> dict[str, float]:
     if config.train.mixing == "data":
         return {"mixed": 1.0}
     return {t: float(config.tasks[t].weight) for t in config.tasks}
+
+
+def projected_fractions(config: Any) -> dict[str, float]:
+    """`tasks.<t>.projected_fraction` of every task (batch mixing; 1 = every position)."""
+    if config.train.mixing == "data":
+        return {}
+    return {t: float(config.tasks[t].get("projected_fraction", 1.0)) for t in config.tasks}
 
 
 def task_batch_sizes(config: Any) -> dict[str, int]:
@@ -337,6 +325,12 @@ def validate(config: Any, training: bool = True) -> None:
             "train.batch_size by the task weights"
         )
     check_batch_sizes(config)
+    for name, fraction in projected_fractions(config).items():
+        if not 0 < fraction <= 1:
+            raise ValueError(
+                f"config.tasks.{name}.projected_fraction={fraction}: a share of the sequence "
+                "positions, in (0, 1] (1 projects every position)"
+            )
     if config.train.mixing == "data":
         for name, task in tasks.items():
             if len(task.sequence_shape) > 1 and task.sequence_shape[0] != 1:
@@ -541,6 +535,9 @@ def train(
         seed=int(config.seed),
         label_smoothing=float(config.optim.label_smoothing),
         microbatches=int(config.train.get("microbatches", 1)),
+        projected=projected_fractions(config),
+        # One group of rows per device: the batch is split over every device.
+        loss_groups=mesh.size,
     )
     step_fn = jax.jit(
         step_fn,

@@ -4,19 +4,43 @@
 loader reads it and every code path (non-contiguous category ids, polygons,
 keypoints, captions, images of varying aspect) is exercised without a download:
 
-    out_dir/annotations/instances_{train,val}2017.json
-    out_dir/annotations/person_keypoints_{train,val}2017.json
-    out_dir/annotations/captions_{train,val}2017.json
-    out_dir/{train,val}2017/<image id>.png
+    out_dir/annotations/instances_{train,val,tune}2017.json
+    out_dir/annotations/person_keypoints_{train,val,tune}2017.json
+    out_dir/annotations/captions_{train,val,tune}2017.json
+    out_dir/{train,val,tune}2017/<image id>.png
     out_dir/synthetic.json           parameters; written last, marks the set complete
 
-The world is kept simple enough for a tiny model to learn all four tasks in
-minutes on a CPU: a plain muted background, 1-5 objects that never overlap
-(so every polygon is exactly the visible instance), saturated shapes in four
-named colours, and at most one upright stick figure whose 17 COCO keypoints
-are marked with dots. Every instance is painted from the COCO rasterisation
-of the very polygon written to the JSON (pycocotools, the same rasteriser the
-COCO evaluation uses), so annotation and pixels agree exactly.
+The `tune` split exists only with num_tune > 0: a third set of images, drawn
+from its own random stream, for choosing a recipe (data.eval_split=tune)
+without fitting the choice to the `val` images it is reported on.
+
+Two worlds (`variety`), five captions per image in both:
+
+plain (default) is simple enough for a tiny model to learn all four tasks in
+minutes on a CPU: 0.75-1 x image_size per side, a plain muted background,
+1-5 objects that never overlap (so every polygon is exactly the visible
+instance), saturated shapes in four named colours, and at most one upright
+stick figure whose 17 COCO keypoints are marked with dots. Every instance is
+painted from the COCO rasterisation of the very polygon written to the JSON
+(pycocotools, the same rasteriser the COCO evaluation uses), so annotation and
+pixels agree exactly.
+
+varied (`VariedWorld`) is what a recipe should survive before it meets
+other simple scenes: a longer side of 160-400 px (x image_size / 128) at
+aspect ratios 1:2 to 2:1; 0-10 objects (a few percent of images empty), up
+to three persons; shapes from 8 px to half the shorter side; persons 25-90 %
+of the image height, in varied poses (leaning, arms raised, knees bent, some
+seen from behind, i.e. mirrored), without joint dots; noisy, striped,
+checkered or spotted backgrounds; now and then a crowd region, several tiny
+shapes annotated as one iscrowd=1 RLE, as COCO does. Objects may overlap
+and leave the image in part: each is painted over the ones before it, and
+its polygons are the visible part only (its outline minus the kept objects
+above it, traced at TRACE_SCALE), its box that part's box. An object hidden
+beyond VariedWorld.min_visible_* is not painted at all. Pixels are painted
+from the written polygons where they show, so polygon and pixels agree up to
+a pixel along occlusion edges (IoU >= VariedWorld.min_agreement, enforced).
+Keypoints under a later object are occluded (v=1), outside the image
+unlabelled (v=0).
 
 Everything is a pure function of the seed: image `i` of a split draws from
 `numpy.random.default_rng([seed, split, i])`, so two runs give byte-identical
@@ -48,7 +72,9 @@ from unified_seq.data.coco import absolute_path
 # Bump when the generated content changes, so cached sets are rebuilt.
 GENERATOR_VERSION = 1
 MARKER = "synthetic.json"
-SPLITS = ("train", "val")
+# A split's index seeds its images, so a new split goes at the end.
+SPLITS = ("train", "val", "tune")
+VARIETIES = ("plain", "varied")
 
 PERSON_ID = 1
 KEYPOINT_NAMES = (
@@ -128,7 +154,60 @@ CV_SHIFT = 4  # fractional bits of cv2 drawing coordinates
 
 LEFT_LIMBS = ((5, 7), (7, 9), (11, 13), (13, 15))
 RIGHT_LIMBS = ((6, 8), (8, 10), (12, 14), (14, 16))
-NUMBER_WORDS = {1: "a", 2: "two", 3: "three", 4: "four", 5: "five"}
+NUMBER_WORDS = {1: "a", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven",
+                8: "eight", 9: "nine", 10: "ten"}  # fmt: skip
+TEXTURES = ("noisy", "striped", "checkered", "spotted")
+# Background channels stay within this range: objects are saturated colours
+# far from any muted background tone, textured or not.
+TEXTURE_RANGE = (40, 215)
+
+
+@dataclasses.dataclass(frozen=True)
+class VariedWorld:
+    """The settings of `variety="varied"`: a harder world, for recipes meant to transfer.
+
+    Pixel sizes are at image_size 128 and scale with image_size / 128, as in
+    the plain world; fractions are of the image's own sides.
+    """
+
+    # COCO-like image shapes instead of near-squares around image_size.
+    longer_side: tuple[float, float] = (160.0, 400.0)
+    aspect: tuple[float, float] = (0.5, 2.0)  # width / height, drawn log-uniform
+    # Shape diameters log-uniform from a few pixels to half the shorter side
+    # (median ~30 px): small objects are where detectors fail first.
+    min_shape: float = 8.0
+    max_shape: float = 0.5
+    person_height: tuple[float, float] = (0.25, 0.9)  # of the image height
+    max_objects: int = 10
+    person_counts: tuple[float, ...] = (0.45, 0.3, 0.15, 0.1)  # P(0, 1, 2, 3 persons)
+    empty_probability: float = 0.04  # images without any object, as COCO has
+    crowd_probability: float = 0.05  # images with one iscrowd=1 region
+    crowd_members: tuple[int, int] = (6, 15)
+    crowd_radius: tuple[float, float] = (10.0, 24.0)
+    crowd_diameter: tuple[float, float] = (3.0, 6.0)
+    # Share of an object's box that may leave the image (truncated objects).
+    overhang: float = 0.25
+    # A later object may hide at most this share of an earlier one's box.
+    max_cover: float = 0.5
+    # Instances hidden beyond this are not painted at all: an unannotated
+    # sliver would teach the model to miss objects.
+    min_visible_fraction: float = 0.3
+    min_visible_pixels: float = 20.0
+    # An instance whose polygon and painted pixels agree less (IoU) is left
+    # out, so every annotation is a faithful target.
+    min_agreement: float = 0.9
+    mirrored_probability: float = 0.5  # figures seen from behind
+    lean: float = 20.0  # degrees either way
+    upper_arm: tuple[float, float] = (-20.0, 170.0)  # degrees from hanging, outwards
+    elbow: tuple[float, float] = (-60.0, 100.0)
+    thigh: tuple[float, float] = (-15.0, 50.0)
+    knee: tuple[float, float] = (-60.0, 15.0)
+    noise_sigma: tuple[float, float] = (2.0, 8.0)  # per-pixel Gaussian noise
+    texture_amplitude: tuple[float, float] = (6.0, 16.0)
+    texture_period: tuple[float, float] = (6.0, 32.0)  # stripes, checks, blotches (px)
+
+
+VARIED = VariedWorld()
 
 
 @dataclasses.dataclass
@@ -156,19 +235,26 @@ class Figure:
 class Instance:
     """One object of an image.
 
-    polygons: list of float64[P, 2] (x, y) vertices in pixels, as written to the JSON.
+    polygons: list of float64[P, 2] (x, y) vertices in pixels, as written to the JSON
+      (for a crowd region: its members' outlines, which are painted, not written).
     color: colour name for shapes, "" for a person.
     figure: the stick figure of a person, None for shapes.
+    iscrowd: a crowd region (COCO iscrowd=1), written as `mask`'s RLE.
+    mask: bool[H, W] the crowd region's visible pixels; None for other instances.
     """
 
     category_id: int
     polygons: list[np.ndarray]
     color: str = ""
     figure: Figure | None = None
+    iscrowd: bool = False
+    mask: np.ndarray | None = None
 
     @property
     def bbox(self) -> np.ndarray:
-        """float64[4] COCO box (x, y, width, height): the polygons' extent."""
+        """float64[4] COCO box (x, y, width, height): the polygons' (or mask's) extent."""
+        if self.mask is not None:
+            return mask_utils.toBbox(_encode(self.mask)).astype(np.float64)
         points = np.concatenate(self.polygons)
         lo, hi = points.min(0), points.max(0)
         return np.concatenate([lo, hi - lo])
@@ -176,13 +262,21 @@ class Instance:
 
 @dataclasses.dataclass
 class ImageRecord:
-    """One generated image: its size, background and instances."""
+    """One generated image: its size, background and instances.
+
+    texture: the varied world's background texture (TEXTURES); "" when plain.
+    owner: int16[H, W] the index in `instances` of the instance painted at
+      each pixel, -1 for background (varied world; None when plain).
+    """
 
     height: int
     width: int
     background: str
     pixels: np.ndarray  # uint8[H, W, 3]
     instances: list[Instance]
+    variety: str = "plain"
+    texture: str = ""
+    owner: np.ndarray | None = None
 
 
 def _cv_points(points: np.ndarray, origin: np.ndarray, scale: float) -> np.ndarray:
@@ -236,11 +330,22 @@ def _trace_silhouette(figure: Figure) -> list[np.ndarray]:
     size = ((hi - lo) * TRACE_SCALE).astype(int)
     canvas = np.zeros([size[1], size[0]], np.uint8)
     _draw_figure(canvas, figure, lo, TRACE_SCALE, LEFT_LIMBS + RIGHT_LIMBS, True)
+    return _trace(canvas, lo)
+
+
+def _trace(canvas: np.ndarray, lo: np.ndarray, min_area: float = 0.0) -> list[np.ndarray]:
+    """Outline of a TRACE_SCALE-supersampled uint8 mask whose pixel (0, 0) starts at image
+    point `lo`, as polygons float64[P, 2] (x, y) in image pixels, ≤ MAX_PERSON_POINTS points
+    in all. Polygons enclosing less than `min_area` square pixels are left out.
+    """
     # Contour points are centres of boundary pixels, half a (fine) pixel inside
     # the edge, and polygon chords cut convex bends: growing the mask by one
     # fine pixel balances both (IoU with the figure ~0.97 instead of ~0.95).
     canvas = cv2.dilate(canvas, cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3)))
     contours, _ = cv2.findContours(canvas, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    if min_area > 0:
+        # Slivers along an occluder's edge would cost points and match no pixel.
+        contours = [c for c in contours if cv2.contourArea(c) >= min_area * TRACE_SCALE**2]
     # Start at half a pixel of tolerance and loosen until the point budget of
     # the segmentation codec is met.
     epsilon = 0.5 * TRACE_SCALE
@@ -396,8 +501,14 @@ def _sample_instances(
     return instances
 
 
+def _encode(mask: np.ndarray) -> dict:
+    return mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+
+
 def instance_rle(instance: Instance, height: int, width: int) -> dict:
-    """The instance's polygons as one COCO RLE: exactly the pixels COCO evaluation sees."""
+    """The instance's polygons (a crowd's mask) as one COCO RLE: the pixels COCO evaluation sees."""
+    if instance.mask is not None:
+        return _encode(instance.mask)
     flat = [p.ravel().tolist() for p in instance.polygons]
     return mask_utils.merge(mask_utils.frPyObjects(flat, height, width))
 
@@ -435,15 +546,391 @@ def _paint(pixels: np.ndarray, instance: Instance) -> None:
         pixels[mask & (dots > 0)] = PERSON_COLORS[color]
 
 
-def make_image(seed: int, split: str, index: int, image_size: int) -> ImageRecord:
-    """Image `index` of `split`: a pure function of its arguments."""
+def make_image(
+    seed: int, split: str, index: int, image_size: int, variety: str = "plain"
+) -> ImageRecord:
+    """Image `index` of `split` (SPLITS) in world `variety` (VARIETIES): a pure function of
+    its arguments."""
+    _check_variety(variety)
     rng = np.random.default_rng([seed, SPLITS.index(split), index])
+    if variety == "varied":
+        return _make_varied(rng, image_size, VARIED)
     height, width = (int(round(s * image_size)) for s in rng.uniform(0.75, 1.0, 2))
     background, pixels = _background(rng, height, width)
     instances = _sample_instances(rng, image_size / 128, height, width)
     for instance in instances:
         _paint(pixels, instance)
     return ImageRecord(height, width, background, pixels, instances)
+
+
+def _check_variety(variety: str) -> None:
+    if variety not in VARIETIES:
+        raise ValueError(f"synthetic variety={variety!r}; choose one of {VARIETIES}")
+
+
+# ---------------------------------------------------------------------------
+# The varied world: free sizes and aspects, overlapping objects of many
+# scales, posed figures without joint dots, textured backgrounds, crowds.
+
+
+def _varied_size(rng: np.random.Generator, scale: float, world: VariedWorld) -> tuple[int, int]:
+    """(height, width): the longer side uniform in world.longer_side, log-uniform aspect."""
+    longer = rng.uniform(*world.longer_side) * scale
+    aspect = np.exp(rng.uniform(*np.log(world.aspect)))
+    if aspect >= 1:
+        height, width = longer / aspect, longer
+    else:
+        height, width = longer, longer * aspect
+    return int(round(height)), int(round(width))
+
+
+def _textured_background(
+    rng: np.random.Generator, height: int, width: int, world: VariedWorld
+) -> tuple[str, str, np.ndarray]:
+    """(colour name, texture name, uint8[H, W, 3]): a muted colour under a grey-level texture.
+
+    The texture changes brightness only, so the colour name stays true and
+    backgrounds stay unsaturated, unlike every object.
+    """
+    name = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
+    base = np.array(BACKGROUNDS[name]) + rng.integers(-BACKGROUND_JITTER, BACKGROUND_JITTER + 1, 3)
+    texture = TEXTURES[rng.integers(len(TEXTURES))]
+    amplitude = rng.uniform(*world.texture_amplitude)
+    period = rng.uniform(*world.texture_period)
+    angle = rng.uniform(0, 2 * np.pi)
+    ys = np.arange(height, dtype=np.float32)[:, None]
+    xs = np.arange(width, dtype=np.float32)[None, :]
+    along = np.cos(angle) * xs + np.sin(angle) * ys
+    across = np.cos(angle) * ys - np.sin(angle) * xs
+    if texture == "striped":
+        level = amplitude * np.sign(np.sin(np.pi * along / period))
+    elif texture == "checkered":
+        level = amplitude * (2 * ((np.floor(along / period) + np.floor(across / period)) % 2) - 1)
+    elif texture == "spotted":
+        grid = rng.normal(size=(int(height / period) + 2, int(width / period) + 2))
+        level = amplitude * cv2.resize(grid.astype(np.float32), (width, height), cv2.INTER_CUBIC)
+    else:
+        level = np.float32(0)
+    ramp = np.cos(angle) * xs / width + np.sin(angle) * ys / height
+    level = level + BACKGROUND_GRADIENT * (ramp - ramp.mean())
+    sigma = rng.uniform(*world.noise_sigma)
+    level = level + sigma * rng.standard_normal((height, width), np.float32)
+    pixels = np.clip(np.round(base.astype(np.float32) + level[:, :, None]), *TEXTURE_RANGE)
+    return name, texture, pixels.astype(np.uint8)
+
+
+def _sample_pose(rng: np.random.Generator, height: float, world: VariedWorld) -> Figure:
+    """A stick figure in a random pose, head top near y=0: leaning torso, raised or bent
+    arms, bent knees; seen from the front (its left on the image's right) or, mirrored,
+    from behind, where the face's keypoints are occluded (v=1).
+    """
+    kp = np.zeros([17, 2])
+    r = 0.1 * height * rng.uniform(0.9, 1.1)
+    down = np.array([0.0, 1.0])
+    torso = _rotate(down, rng.uniform(-world.lean, world.lean))  # hips → below
+    side_axis = np.array([torso[1], -torso[0]])  # the figure's left, facing the viewer
+    hip_y = height * rng.uniform(0.53, 0.57)
+    hips = np.array([0.0, hip_y])
+    shoulders = hips - (hip_y - 2 * r - 0.05 * height) * torso
+    head = shoulders - (0.05 * height + r) * torso
+    kp[0] = head + 0.15 * r * torso
+    kp[1:3] = [
+        head + 0.4 * r * side_axis - 0.2 * r * torso,
+        head - 0.4 * r * side_axis - 0.2 * r * torso,
+    ]
+    kp[3:5] = [head + 0.8 * r * side_axis, head - 0.8 * r * side_axis]
+    shoulder_x = height * rng.uniform(0.11, 0.15)
+    hip_x = height * rng.uniform(0.06, 0.09)
+    for side, (s, e, w, h, k, a) in ((1, (5, 7, 9, 11, 13, 15)), (-1, (6, 8, 10, 12, 14, 16))):
+        kp[s] = shoulders + side * shoulder_x * side_axis
+        kp[h] = hips + side * hip_x * np.array([1.0, 0.0])
+        upper = rng.uniform(*world.upper_arm)
+        lower = upper + rng.uniform(*world.elbow)
+        kp[e] = kp[s] + 0.17 * height * _rotate(torso, side * upper)
+        kp[w] = kp[e] + 0.16 * height * _rotate(torso, side * lower)
+        thigh = rng.uniform(*world.thigh)
+        shin = thigh + rng.uniform(*world.knee)
+        kp[k] = kp[h] + 0.22 * height * _rotate(down, side * thigh)
+        kp[a] = kp[k] + 0.22 * height * _rotate(down, side * shin)
+    visibility = np.full(17, 2)
+    head_disc = np.array([head[0], head[1], r])
+    if rng.random() < world.mirrored_probability:
+        kp[:, 0] *= -1
+        head_disc[0] *= -1
+        visibility[:3] = 1  # nose and eyes face away
+    kp -= [0.0, head_disc[1] - r]  # head top at y=0
+    head_disc[1] = r
+    return Figure(np.round(kp, 2), visibility, np.round(head_disc, 2), max(3.0, 0.075 * height))
+
+
+def _box_overlap(a: np.ndarray, b: np.ndarray, gap: float = 0.0) -> float:
+    """Area shared by COCO boxes a and b, each grown by `gap` on every side."""
+    w = min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]) + 2 * gap
+    h = min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]) + 2 * gap
+    return max(w, 0.0) * max(h, 0.0)
+
+
+def _inside(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether box a lies within box b."""
+    return (
+        b[0] <= a[0] and b[1] <= a[1] and a[0] + a[2] <= b[0] + b[2] and a[1] + a[3] <= b[1] + b[3]
+    )
+
+
+def _fits(box: np.ndarray, is_person: bool, below: list[Instance], world: VariedWorld) -> bool:
+    """Whether an object with `box` may go on top of the instances `below`.
+
+    It may hide part of each, but not most of one, nor sit within one's box
+    (its visible part would have a hole, which COCO polygons cannot hold);
+    persons never overlap persons (their equal colours would merge them).
+    """
+    for other in below:
+        other_box = other.bbox
+        shared = _box_overlap(box, other_box)
+        if shared > world.max_cover * other_box[2] * other_box[3] or _inside(box, other_box):
+            return False
+        if is_person and other.figure is not None and _box_overlap(box, other_box, MIN_GAP) > 0:
+            return False
+    return True
+
+
+def _place_varied(
+    rng: np.random.Generator,
+    polygons: list[np.ndarray],
+    height: int,
+    width: int,
+    is_person: bool,
+    below: list[Instance],
+    world: VariedWorld,
+) -> np.ndarray | None:
+    """A whole-pixel (dx, dy) for `polygons` (at most world.overhang of the box outside the
+    image, see `_fits`), or None."""
+    points = np.concatenate(polygons)
+    lo, hi = points.min(0), points.max(0)
+    slack = world.overhang * (hi - lo)
+    low = np.ceil(-lo - slack)
+    high = np.floor(np.array([width, height]) - hi + slack)
+    if np.any(high < low):
+        return None
+    for _ in range(PLACEMENT_TRIES):
+        offset = np.array([rng.integers(low[0], high[0] + 1), rng.integers(low[1], high[1] + 1)])
+        if _fits(np.concatenate([lo + offset, hi - lo]), is_person, below, world):
+            return offset.astype(float)
+    return None
+
+
+def _free_color(rng: np.random.Generator, box: np.ndarray, below: list[Instance]) -> str:
+    """A colour no touching shape has, so neighbours never merge into one blob (when one is
+    left)."""
+    taken = {o.color for o in below if o.figure is None and _box_overlap(box, o.bbox, MIN_GAP) > 0}
+    free = [c for c in COLORS if c not in taken] or list(COLORS)
+    return free[rng.integers(len(free))]
+
+
+def _sample_crowd(
+    rng: np.random.Generator, scale: float, height: int, width: int, world: VariedWorld
+) -> Instance:
+    """A crowd region: several tiny shapes of one kind and colour, close together."""
+    name = list(SHAPE_IDS)[rng.integers(len(SHAPE_IDS))]
+    color = list(COLORS)[rng.integers(len(COLORS))]
+    radius = rng.uniform(*world.crowd_radius) * scale
+    margin = radius + world.crowd_diameter[1] * scale
+    center = rng.uniform(
+        [margin, margin], [max(margin, width - margin), max(margin, height - margin)]
+    )
+    vertices = {"circle": CIRCLE_VERTICES, "square": 4, "triangle": 3}[name]
+    members = []
+    for _ in range(rng.integers(world.crowd_members[0], world.crowd_members[1] + 1)):
+        angle, distance = rng.uniform(0, 2 * np.pi), radius * np.sqrt(rng.random())
+        position = center + distance * np.array([np.cos(angle), np.sin(angle)])
+        size = rng.uniform(*world.crowd_diameter) * scale / 2
+        members.append(np.round(_regular_polygon(rng, vertices, size) + position, 2))
+    return Instance(SHAPE_IDS[name], members, color, iscrowd=True)
+
+
+def _sample_layers(
+    rng: np.random.Generator, scale: float, height: int, width: int, world: VariedWorld
+) -> list[Instance]:
+    """Whole objects in painting order (a crowd region first): each may hide part of those
+    before it. Objects that find no place are left out."""
+    if rng.random() < world.empty_probability:
+        return []
+    layers = []
+    if rng.random() < world.crowd_probability:
+        layers.append(_sample_crowd(rng, scale, height, width, world))
+    count = int(rng.integers(1, world.max_objects + 1))
+    persons = min(count, int(rng.choice(len(world.person_counts), p=world.person_counts)))
+    shorter = min(height, width)
+    for is_person in rng.permutation([True] * persons + [False] * (count - persons)):
+        if is_person:
+            figure = _sample_pose(rng, rng.uniform(*world.person_height) * height, world)
+            polygons = _trace_silhouette(figure)
+        else:
+            name = list(SHAPE_IDS)[rng.integers(len(SHAPE_IDS))]
+            diameter = np.exp(
+                rng.uniform(np.log(world.min_shape * scale), np.log(world.max_shape * shorter))
+            )
+            vertices = {"circle": CIRCLE_VERTICES, "square": 4, "triangle": 3}[name]
+            polygons = [_regular_polygon(rng, vertices, diameter / 2)]
+        offset = _place_varied(rng, polygons, height, width, bool(is_person), layers, world)
+        if offset is None:
+            continue
+        polygons = [_canonical(p + offset) for p in polygons]
+        if is_person:
+            layers.append(Instance(PERSON_ID, polygons, figure=figure.shifted(*offset)))
+        else:
+            color = _free_color(rng, Instance(0, polygons).bbox, layers)
+            layers.append(Instance(SHAPE_IDS[name], polygons, color))
+    return layers
+
+
+def _polygon_area(polygons: list[np.ndarray]) -> float:
+    """Square pixels enclosed by the polygons (shoelace; overlaps counted twice)."""
+    total = 0.0
+    for p in polygons:
+        x, y = p[:, 0], p[:, 1]
+        total += abs(np.sum(x * np.roll(y, -1) - np.roll(x, -1) * y)) / 2
+    return total
+
+
+def _fill(polygons: list[np.ndarray], origin: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """bool[shape]: the polygons at TRACE_SCALE, fine pixel (0, 0) starting at image point
+    `origin`."""
+    canvas = np.zeros(shape, np.uint8)
+    for p in polygons:  # one by one: cv2 would cancel where polygons of one call overlap
+        cv2.fillPoly(canvas, [_cv_points(p, origin, TRACE_SCALE)], 255, cv2.LINE_8, CV_SHIFT)
+    return canvas > 0
+
+
+def _raster(polygons: list[np.ndarray], height: int, width: int) -> np.ndarray:
+    """bool[H, W]: the polygons as COCO evaluation rasterises them."""
+    rles = mask_utils.frPyObjects([p.ravel().tolist() for p in polygons], height, width)
+    return mask_utils.decode(mask_utils.merge(rles)).astype(bool)
+
+
+def _resolve(
+    layers: list[Instance], height: int, width: int, world: VariedWorld, dropped: set[int]
+) -> dict[int, Instance]:
+    """Layer index → the visible part of each layer kept, its polygons traced where hidden.
+
+    Goes from the top layer down, at TRACE_SCALE, so each layer's visible
+    part is its outline minus the layers above it that are kept; a layer
+    hidden beyond world.min_visible_* (or in `dropped`) is left out and hides
+    nothing. Keypoints under a kept layer above become occluded (v=1), those
+    outside the image unlabelled (v=0).
+    """
+    s = TRACE_SCALE
+    covered = np.zeros([height * s, width * s], bool)  # by the kept layers above
+    size = np.array([width, height])
+    kept = {}
+    for k in reversed(range(len(layers))):
+        layer = layers[k]
+        points = np.concatenate(layer.polygons)
+        lo = np.clip(np.floor(points.min(0)), 0, size).astype(int)
+        hi = np.clip(np.ceil(points.max(0)), 0, size).astype(int)
+        if k in dropped or np.any(hi <= lo):
+            continue
+        window = (slice(lo[1] * s, hi[1] * s), slice(lo[0] * s, hi[0] * s))
+        fine = _fill(
+            layer.polygons, lo.astype(float), (int(hi[1] - lo[1]) * s, int(hi[0] - lo[0]) * s)
+        )
+        above = covered[window]
+        visible = fine & ~above
+        area = np.count_nonzero(visible) / s**2
+        if area < world.min_visible_pixels:
+            continue
+        if area < world.min_visible_fraction * _polygon_area(layer.polygons):
+            continue
+        whole = np.all(points >= 0) and np.all(points <= size) and not np.any(fine & above)
+        polygons = layer.polygons
+        if not (whole or layer.iscrowd):
+            traced = _trace(visible.astype(np.uint8) * 255, lo.astype(float), min_area=1.0)
+            polygons = [_canonical(p) for p in traced]
+            if not polygons:
+                continue
+        figure = layer.figure
+        if figure is not None:
+            visibility = figure.visibility.copy()
+            x, y = figure.keypoints.T
+            outside = (x < 0) | (y < 0) | (x >= width) | (y >= height)
+            rows = np.clip((y * s).astype(int), 0, height * s - 1)
+            cols = np.clip((x * s).astype(int), 0, width * s - 1)
+            visibility[~outside & covered[rows, cols]] = 1
+            visibility[outside] = 0
+            figure = dataclasses.replace(figure, visibility=visibility)
+        covered[window] |= fine
+        kept[k] = dataclasses.replace(layer, polygons=polygons, figure=figure)
+    return kept
+
+
+def _compose(
+    layers: list[Instance], height: int, width: int, world: VariedWorld
+) -> tuple[list[Instance], np.ndarray]:
+    """The instances kept, bottom first, and int16[H, W] the index of the one at each pixel.
+
+    Pixels go, bottom layer first, to each layer's whole outline (what a
+    painter would show), then to the rasterised visible polygons, so pixels
+    and annotation agree except along occlusion edges where traced polygons
+    overlap or leave a gap (sub-pixel tracing error, rounded to pixels).
+    A layer whose polygon agrees with its pixels less than world.min_agreement
+    (a thin sliver) is left out and the rest composed again.
+    """
+    dropped: set[int] = set()
+    while True:
+        kept = _resolve(layers, height, width, world, dropped)
+        owner = np.full([height, width], -1, np.int16)
+        for k in sorted(kept):
+            owner[_raster(layers[k].polygons, height, width)] = k
+        visible = {}
+        for k in sorted(kept):
+            if not kept[k].iscrowd:
+                visible[k] = _raster(kept[k].polygons, height, width)
+                owner[visible[k]] = k
+        worst, worst_iou = None, world.min_agreement
+        for k in kept:
+            mine = owner == k
+            if k in visible:
+                union = np.count_nonzero(mine | visible[k])
+                iou = np.count_nonzero(mine & visible[k]) / max(1, union)
+            else:  # the crowd: written as exactly its pixels, but it must stay a region
+                iou = 1.0 if np.count_nonzero(mine) >= world.min_visible_pixels else 0.0
+            if iou < worst_iou:
+                worst, worst_iou = k, iou
+        if worst is None:
+            break
+        dropped.add(worst)
+    order = sorted(kept)
+    instances = []
+    remap = np.full(len(layers) + 1, -1, np.int16)  # owner -1 → index -1
+    for i, k in enumerate(order):
+        remap[k] = i
+        inst = kept[k]
+        instances.append(dataclasses.replace(inst, mask=owner == k) if inst.iscrowd else inst)
+    return instances, remap[owner]
+
+
+def _paint_owned(pixels: np.ndarray, owner: np.ndarray, instances: list[Instance]) -> None:
+    """Paints each instance on the pixels it owns: flat colours, no keypoint dots."""
+    height, width = owner.shape
+    for k, inst in enumerate(instances):
+        mine = owner == k
+        if inst.figure is None:
+            pixels[mine] = COLORS[inst.color]
+            continue
+        pixels[mine] = PERSON_COLORS["body"]
+        left = np.zeros([height, width], np.uint8)
+        _draw_figure(left, inst.figure, np.zeros(2), 1.0, LEFT_LIMBS, with_body=False)
+        pixels[mine & (left > 0)] = PERSON_COLORS["left"]
+
+
+def _make_varied(rng: np.random.Generator, image_size: int, world: VariedWorld) -> ImageRecord:
+    scale = image_size / 128
+    height, width = _varied_size(rng, scale, world)
+    background, texture, pixels = _textured_background(rng, height, width, world)
+    layers = _sample_layers(rng, scale, height, width, world)
+    instances, owner = _compose(layers, height, width, world)
+    _paint_owned(pixels, owner, instances)
+    return ImageRecord(height, width, background, pixels, instances, "varied", texture, owner)
 
 
 def _position(instance: Instance, height: int) -> str:
@@ -487,6 +974,8 @@ def captions(record: ImageRecord) -> list[str]:
     Objects are listed in a fixed order (person, then shapes by category id,
     then colour) so each phrasing is a function of the image alone.
     """
+    if record.variety == "varied":
+        return _varied_captions(record)
     shapes = [inst for inst in record.instances if inst.figure is None]
     person = ["a person"] if len(shapes) < len(record.instances) else []
     contents = " and ".join(person + ([_counts(shapes, with_color=True)] if shapes else []))
@@ -510,8 +999,88 @@ def captions(record: ImageRecord) -> list[str]:
     ]
 
 
+def _varied_captions(record: ImageRecord) -> list[str]:
+    """`captions` for the varied world: also several persons, up to ten shapes, a crowd
+    region ("a group of small red circles"), the background's texture, empty images.
+
+    Only the instances kept (and so painted) are named. With more than three
+    colour groups the listing gives kinds only, which keeps captions short.
+    """
+    objects = [inst for inst in record.instances if not inst.iscrowd]
+    shapes = [inst for inst in objects if inst.figure is None]
+    crowds = [inst for inst in record.instances if inst.iscrowd]
+    background = f"{record.texture} {record.background}"
+    if not objects and not crowds:
+        return [
+            f"an empty {background} background",
+            f"a {background} picture with no objects",
+            "there are no objects",
+            f"nothing but a {background} background",
+            "no shapes and no people",
+        ]
+    num_people = len(objects) - len(shapes)
+    people = (
+        []
+        if not num_people
+        else ["a person" if num_people == 1 else f"{NUMBER_WORDS[num_people]} people"]
+    )
+    group = [f"a group of small {c.color} {_shape_name(c)}s" for c in crowds]
+    colour_groups = len({(s.category_id, s.color) for s in shapes})
+    listed = [_counts(shapes, with_color=colour_groups <= 3)] if shapes else []
+    contents = " and ".join(people + listed + group)
+    if shapes:
+        verb = "is" if len(shapes) == 1 else "are"
+        total = f"{NUMBER_WORDS[len(shapes)]} shape{'s' if len(shapes) > 1 else ''}"
+        count_caption = " and ".join([f"there {verb} {total}"] + people + group)
+        kind_caption = (f"{people[0]} next to " if people else "") + _counts(
+            shapes, with_color=False
+        )
+    elif people:
+        verb = "is" if num_people == 1 else "are"
+        count_caption = " and ".join([f"there {verb} {people[0]} and no shapes"] + group)
+        kind_caption = f"{people[0]} alone"
+    else:
+        count_caption = "there are no shapes but " + group[0]
+        kind_caption = f"only {group[0]}"
+    if objects:
+        size = (record.height, record.width)
+        areas = [mask_utils.area(instance_rle(inst, *size)) for inst in objects]
+        largest = objects[int(np.argmax(areas))]
+        where = f"the largest object is {_describe(largest)} {_position(largest, record.height)}"
+    else:
+        where = f"{group[0]} {_position(crowds[0], record.height)}"
+    return [
+        f"{contents} on a {background} background",
+        f"a {background} picture with {contents}",
+        count_caption,
+        kind_caption,
+        where,
+    ]
+
+
+def _uncompressed_rle(mask: np.ndarray) -> dict:
+    """COCO's uncompressed RLE of bool[H, W], as COCO writes crowd regions: run lengths of
+    the column-major pixels, starting with a run of 0s."""
+    flat = np.asarray(mask, bool).ravel(order="F")
+    changes = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    counts = np.diff(np.concatenate([[0], changes, [flat.size]])).tolist()
+    if flat.size and flat[0]:
+        counts = [0] + counts
+    return {"counts": counts, "size": list(mask.shape)}
+
+
 def _annotation(ann_id: int, image_id: int, instance: Instance, height: int, width: int) -> dict:
     """The instance's COCO annotation (without keypoints)."""
+    if instance.iscrowd:
+        return {
+            "id": ann_id,
+            "image_id": image_id,
+            "category_id": instance.category_id,
+            "segmentation": _uncompressed_rle(instance.mask),
+            "area": float(np.count_nonzero(instance.mask)),
+            "bbox": np.round(instance.bbox, 2).tolist(),
+            "iscrowd": 1,
+        }
     return {
         "id": ann_id,
         "image_id": image_id,
@@ -550,23 +1119,35 @@ def _write_json(path: str, content: dict) -> None:
         f.write(json.dumps(content, separators=(",", ":")))
 
 
-def _write_png(path: str, pixels: np.ndarray) -> None:
+def _write_png(path: str, pixels: np.ndarray, compress_level: int | None = None) -> None:
     png = io.BytesIO()
-    Image.fromarray(pixels).save(png, format="PNG")
+    options = {} if compress_level is None else {"compress_level": compress_level}
+    Image.fromarray(pixels).save(png, format="PNG", **options)
     with tf.io.gfile.GFile(path, "wb") as f:
         f.write(png.getvalue())
 
 
-def _write_split(out_dir: str, split: str, seed: int, count: int, first_id: int, size: int) -> None:
+def _write_split(
+    out_dir: str,
+    split: str,
+    seed: int,
+    count: int,
+    first_id: int,
+    size: int,
+    variety: str = "plain",
+) -> None:
     """Renders `count` images of `split` and writes them and their three annotation files."""
     image_dir = os.path.join(out_dir, f"{split}2017")
     tf.io.gfile.makedirs(image_dir)
     images, instances, keypoints, caption_anns = [], [], [], []
     for index in range(count):
-        record = make_image(seed, split, index, size)
+        record = make_image(seed, split, index, size, variety)
         image_id = first_id + index
         file_name = f"{image_id:012d}.png"
-        _write_png(os.path.join(image_dir, file_name), record.pixels)
+        # Noisy backgrounds barely compress: the fastest level writes them 4x
+        # faster at the same size. The plain world keeps PIL's default (its bytes).
+        level = 1 if variety == "varied" else None
+        _write_png(os.path.join(image_dir, file_name), record.pixels, level)
         images.append(
             {
                 "id": image_id,
@@ -597,14 +1178,28 @@ def _write_split(out_dir: str, split: str, seed: int, count: int, first_id: int,
         _write_json(os.path.join(ann_dir, f"{kind}_{split}2017.json"), content)
 
 
-def _params(seed: int, num_train: int, num_val: int, image_size: int) -> dict:
-    return {
+def _params(
+    seed: int,
+    num_train: int,
+    num_val: int,
+    image_size: int,
+    num_tune: int = 0,
+    variety: str = "plain",
+) -> dict:
+    params = {
         "generator_version": GENERATOR_VERSION,
         "seed": seed,
         "num_train": num_train,
         "num_val": num_val,
         "image_size": image_size,
     }
+    # Named only when not the defaults, so the markers (and cache folders) of
+    # sets made before these options existed stay valid.
+    if num_tune:
+        params["num_tune"] = num_tune
+    if variety != "plain":
+        params["variety"] = variety
+    return params
 
 
 def _is_complete(out_dir: str, params: dict) -> bool:
@@ -617,15 +1212,25 @@ def _is_complete(out_dir: str, params: dict) -> bool:
 
 
 def generate(
-    out_dir: str, *, seed: int = 0, num_train: int = 2000, num_val: int = 200, image_size: int = 128
+    out_dir: str,
+    *,
+    seed: int = 0,
+    num_train: int = 2000,
+    num_val: int = 200,
+    image_size: int = 128,
+    num_tune: int = 0,
+    variety: str = "plain",
 ) -> str:
     """Writes the data set in the COCO 2017 layout under out_dir and returns out_dir.
 
     Idempotent: returns at once when out_dir already holds a complete set made
-    with the same parameters. Images are between 0.75 and 1 × image_size on
-    each side. Other files already in out_dir are left alone.
+    with the same parameters. Plain images are between 0.75 and 1 × image_size
+    on each side; varied ones have a longer side of 160-400 × image_size / 128.
+    num_tune > 0 adds the `tune` split (image ids after val's). Other files
+    already in out_dir are left alone.
     """
-    params = _params(seed, num_train, num_val, image_size)
+    _check_variety(variety)
+    params = _params(seed, num_train, num_val, image_size, num_tune, variety)
     if _is_complete(out_dir, params):
         return out_dir
     tf.io.gfile.makedirs(out_dir)
@@ -633,8 +1238,11 @@ def generate(
     if tf.io.gfile.exists(marker):
         tf.io.gfile.remove(marker)  # a crash below must not leave a stale set looking complete
     logging.info("Writing synthetic COCO set %s to %s", params, out_dir)
-    _write_split(out_dir, "train", seed, num_train, 1, image_size)
-    _write_split(out_dir, "val", seed, num_val, num_train + 1, image_size)
+    _write_split(out_dir, "train", seed, num_train, 1, image_size, variety)
+    _write_split(out_dir, "val", seed, num_val, num_train + 1, image_size, variety)
+    if num_tune:
+        first = num_train + num_val + 1
+        _write_split(out_dir, "tune", seed, num_tune, first, image_size, variety)
     _write_json(marker, params)
     return out_dir
 
@@ -642,18 +1250,28 @@ def generate(
 def ensure_synthetic(cfg: ml_collections.ConfigDict | Mapping[str, Any]) -> str:
     """Returns the coco_dir of the synthetic set described by `cfg`, generating it if needed.
 
-    cfg: config.data.synthetic (dir, seed, num_train, num_val, image_size).
+    cfg: config.data.synthetic (dir, seed, num_train, num_val, image_size, and
+    optionally num_tune, variety).
     An empty cfg.dir means a cache folder named from the parameters under
     $UNIFIED_SEQ_CACHE (default ~/.cache/unified_seq). The set is built in a
     temporary sibling folder and moved into place, so processes racing on
     the same folder all end up reading one complete copy.
     """
     kwargs = {k: int(cfg[k]) for k in ("seed", "num_train", "num_val", "image_size")}
+    kwargs["num_tune"] = int(cfg.get("num_tune", 0))
+    kwargs["variety"] = str(cfg.get("variety", "plain"))
+    _check_variety(kwargs["variety"])
     params = _params(**kwargs)
     target = os.path.expanduser(str(cfg["dir"] or ""))
     if not target:
         name = "synthetic-g{generator_version}-s{seed}-n{num_train}-v{num_val}-px{image_size}"
-        target = cache.cache_dir(name.format(**params))
+        name = name.format(**params)
+        # Suffixes only off the defaults: the plain set keeps its folder name.
+        if kwargs["num_tune"]:
+            name += f"-t{kwargs['num_tune']}"
+        if kwargs["variety"] != "plain":
+            name += f"-{kwargs['variety']}"
+        target = cache.cache_dir(name)
     target = absolute_path(target)
     if _is_complete(target, params):
         return target

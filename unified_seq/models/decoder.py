@@ -241,8 +241,8 @@ class Decoder(nn.Module):
         pos = jax.lax.dynamic_slice_in_dim(self.pos_embed, index, tokens.shape[1])
         return self.embed(tokens) + pos.astype(self.dtype)
 
-    def _logits(self, x: jax.Array) -> jax.Array:
-        """float[B, T, W] → float32[B, T, V], h · Eᵀ + b.
+    def logits(self, x: jax.Array) -> jax.Array:
+        """float[..., W] → float32[..., V], LayerNorm(h) · Eᵀ + b.
 
         The product accumulates into float32 whatever the compute type: with
         bfloat16 the logits (and so the loss) keep float32 precision, and the
@@ -251,7 +251,7 @@ class Decoder(nn.Module):
         x = self.ln_out(x)
         embedding = self.embed.embedding.astype(self.dtype)
         logits = jnp.einsum(
-            "btw,vw->btv", x.astype(self.dtype), embedding, preferred_element_type=jnp.float32
+            "...w,vw->...v", x.astype(self.dtype), embedding, preferred_element_type=jnp.float32
         )
         return add_output_bias(logits, self.output_bias)
 
@@ -266,12 +266,19 @@ class Decoder(nn.Module):
         Returns:
           float32[B, T, V]: logits[:, t] predicts token t + 1.
         """
+        return self.logits(self.hidden(tokens, encoded, train=train))
+
+    def hidden(self, tokens: jax.Array, encoded: jax.Array, *, train: bool) -> jax.Array:
+        """float[B, T, W]: the last layer's output, before `logits` (see `__call__`).
+
+        Training projects only the positions its loss weighs (loss.py).
+        """
         if tokens.shape[1] > self.max_len:
             raise ValueError(f"sequence of {tokens.shape[1]} tokens > max_len {self.max_len}")
         x = self._inputs(tokens, 0)
         for layer in self.layers:
             x = layer(x, encoded, train)
-        return self._logits(x)
+        return x
 
     def init_cache(self, encoded: jax.Array, length: int) -> Cache:
         """Empty self-attention cache and the image keys/values, projected once.
@@ -314,4 +321,4 @@ class Decoder(nn.Module):
         for layer, entry in zip(self.layers, cache, strict=True):
             x, kv = layer.step(x, entry["cross_k"], entry["cross_v"], cache=entry, index=index)
             new_cache.append({**entry, **kv})
-        return self._logits(x), new_cache
+        return self.logits(x), new_cache

@@ -100,13 +100,27 @@ class EncoderDecoder(nn.Module):
         Returns:
           float32[B, T, V] or float32[B, C, T, V]; position t predicts token t + 1.
         """
+        return self.decoder.logits(self.decode_hidden(tokens, encoded, train=train))
+
+    def decode_hidden(
+        self, tokens: jax.Array, encoded: jax.Array, *, train: bool = False
+    ) -> jax.Array:
+        """float[B, (C,) T, d_dec]: what `decode` projects onto the vocabulary (`logits`)."""
         if tokens.ndim == 2:
-            return self.decoder(tokens, encoded, train=train)
+            return self.decoder.hidden(tokens, encoded, train=train)
         b, c, t = tokens.shape
         # Row b * C + j of the flat batch is sequence j of image b.
         encoded = jnp.repeat(encoded, c, axis=0)
-        logits = self.decoder(tokens.reshape(b * c, t), encoded, train=train)
-        return logits.reshape(b, c, t, -1)
+        hidden = self.decoder.hidden(tokens.reshape(b * c, t), encoded, train=train)
+        return hidden.reshape(b, c, t, -1)
+
+    def hidden(self, images: jax.Array, tokens: jax.Array, *, train: bool = False) -> jax.Array:
+        """`__call__` up to the output projection: float[B, (C,) T, d_dec]."""
+        return self.decode_hidden(tokens, self.encode(images, train=train), train=train)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """float[..., d_dec] → float32[..., V]: the output projection (see `Decoder.logits`)."""
+        return self.decoder.logits(hidden)
 
     def __call__(
         self, images: jax.Array, tokens: jax.Array, *, train: bool = False
