@@ -1,8 +1,8 @@
 """Test order for two workers, and one compilation cache for the whole session.
 
-With `--dist loadfile` (pyproject.toml) each worker takes whole files in
-collection order; a long file collected last would run alone at the end
-while the other worker idles: the longest files start first.
+With `--dist loadfile --no-loadscope-reorder` (pyproject.toml) each worker
+takes whole files in collection order; a long file collected last would run
+alone at the end while the other worker idles: the longest files start first.
 
 Most tests' time is XLA compiling, and many compile the same programs again:
 a resumed run, an unbroken run beside a broken one, each `train.train` call's
@@ -34,11 +34,14 @@ if "jax" in sys.modules:  # imported before this file (a plugin): it read its fl
 # Files that take minutes: several processes or whole runs each.
 LONGEST_FIRST = (
     "test_multiprocess.py",
-    "test_kill_resume.py",
-    "test_faults.py",
-    "test_launch.py",
-    "test_predict.py",
     "test_memory_switches.py",
+    "test_launch.py",
+    "test_kill_resume.py",
+    "test_checkpoint.py",
+    "test_predict.py",
+    "test_faults.py",
+    "test_init_from.py",
+    "test_toy_task.py",
 )
 
 

@@ -206,7 +206,11 @@ def test_colab_notebook_runs_on_cpu(tmp_path, monkeypatch):
         "--config.data.shuffle_buffer=16 --config.train.batch_size=2 "
         "--config.tasks.object_detection.batch_size=2 --config.eval.batch_size=4 "
         "--config.optim.warmup_steps=2 --config.train.log_every=3 "
-        "--config.train.checkpoint_every=0"
+        "--config.train.checkpoint_every=0 "
+        # One layer each: the notebook's time is mostly compiling four tasks.
+        "--config.model.enc_depth=1 --config.model.dec_depth=1 "
+        "--config.model.enc_width=64 --config.model.dec_width=64 "
+        "--config.model.enc_mlp_dim=128 --config.model.dec_mlp_dim=128"
     )
     monkeypatch.setenv("UNIFIED_SEQ_NOTEBOOK_STEPS", "6")
     monkeypatch.setenv("UNIFIED_SEQ_NOTEBOOK_EVAL_EXAMPLES", "4")
