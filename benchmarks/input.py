@@ -21,10 +21,8 @@ from typing import Any
 
 from benchmarks.bench_config import load_config, override
 from benchmarks.common import report
-from benchmarks.train import measure, pipeline_batches
-from unified_seq import train, vocab
-from unified_seq.data import inputs, pipeline
-from unified_seq.tasks import build_tasks
+from benchmarks.train import measure, pipeline_batches, pipeline_iterators
+from unified_seq import train
 
 
 def _rate(draw: Any, count: int, repeats: int) -> float:
@@ -40,20 +38,14 @@ def _rate(draw: Any, count: int, repeats: int) -> float:
 
 def measure_input(config: Any, warmup: int, count: int, repeats: int) -> dict[str, Any]:
     """Examples/s of each task's pipeline alone and steps/s of all of them in turn."""
-    space = vocab.TokenSpace.from_config(config.vocab)
-    data = inputs.load_split(config, config.data.train_split, space)
     batch_sizes = train.task_batch_sizes(config)
-    iterators = {}
-    for k, (name, task) in enumerate(build_tasks(config).items()):
-        ds = pipeline.train_dataset(
-            task, data.examples, data, config, batch_size=batch_sizes[name], seed=k
-        )
-        iterators[name] = iter(ds)
+    draw, iterators = pipeline_iterators(config)
+    for iterator in iterators.values():
         for _ in range(warmup):  # tracing, the first files, the buffers filling
-            inputs.next_numpy(iterators[name], data)
+            draw(iterator)
     per_task = {}
     for name, iterator in iterators.items():
-        rate = _rate(lambda it=iterator: inputs.next_numpy(it, data), count, repeats)
+        rate = _rate(lambda it=iterator: draw(it), count, repeats)
         per_task[name] = {
             "batch": batch_sizes[name],
             "examples_per_s": round(rate * batch_sizes[name], 1),
@@ -61,7 +53,7 @@ def measure_input(config: Any, warmup: int, count: int, repeats: int) -> dict[st
 
     def whole_step() -> None:
         for iterator in iterators.values():
-            inputs.next_numpy(iterator, data)
+            draw(iterator)
 
     return {"tasks": per_task, "steps_per_s": round(_rate(whole_step, count, repeats), 2)}
 

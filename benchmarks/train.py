@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -128,18 +129,24 @@ def _random_batches(config: Any, space: vocab.TokenSpace, lengths: dict, seed: i
     return out
 
 
-def pipeline_batches(config: Any, count: int) -> list[dict]:
-    """`count` training batches of every task, drawn from its tf.data pipeline."""
+def pipeline_iterators(config: Any) -> tuple[Callable[[Any], dict], dict[str, Any]]:
+    """(next numpy batch of an iterator, every task's training-batch iterator)."""
     space = vocab.TokenSpace.from_config(config.vocab)
     data = inputs.load_split(config, config.data.train_split, space)
     batch_sizes = train.task_batch_sizes(config)
-    streams = {}
+    iterators = {}
     for k, (name, task) in enumerate(build_tasks(config).items()):
         ds = pipeline.train_dataset(
             task, data.examples, data, config, batch_size=batch_sizes[name], seed=k
         )
-        iterator = iter(ds)
-        streams[name] = [inputs.next_numpy(iterator, data) for _ in range(count)]
+        iterators[name] = iter(ds)
+    return lambda iterator: inputs.next_numpy(iterator, data), iterators
+
+
+def pipeline_batches(config: Any, count: int) -> list[dict]:
+    """`count` training batches of every task, drawn from its tf.data pipeline."""
+    draw, iterators = pipeline_iterators(config)
+    streams = {name: [draw(it) for _ in range(count)] for name, it in iterators.items()}
     batches = [{t: s[i] for t, s in streams.items()} for i in range(count)]
     # Only the model's inputs (the pipeline also counts truncated objects).
     keys = ("image", "input_seq", "target_seq", "token_weights")
