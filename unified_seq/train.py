@@ -89,17 +89,19 @@ def task_losses(
     losses = {}
     for i, task in enumerate(sorted(batches)):
         batch = batches[task]
-        inputs = (batch["image"], batch["input_seq"])
+        model_args = (batch["image"], batch["input_seq"])
         rngs = {"dropout": jax.random.fold_in(rng, i)}
         normalizer = None if normalizers is None else normalizers[task]
         fraction = (projected or {}).get(task, 1.0)
         if fraction >= 1:
-            logits, _ = model.apply({"params": params}, *inputs, train=train, rngs=rngs)
+            logits, _ = model.apply({"params": params}, *model_args, train=train, rngs=rngs)
             losses[task] = token_loss(
                 logits, batch["target_seq"], batch["token_weights"], label_smoothing, normalizer
             )
             continue
-        hidden = model.apply({"params": params}, *inputs, train=train, rngs=rngs, method="hidden")
+        hidden = model.apply(
+            {"params": params}, *model_args, train=train, rngs=rngs, method="hidden"
+        )
         losses[task] = hidden_token_loss(
             lambda h: model.apply({"params": params}, h, method="logits"),
             hidden,
