@@ -24,6 +24,7 @@ between the steps. Prints one JSON line and appends it to results.jsonl.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 from collections.abc import Callable
 from typing import Any
@@ -65,9 +66,12 @@ def shared_model_config(s: dict[str, int]) -> ml_collections.ConfigDict:
     )
 
 
-def shared_config() -> ml_collections.ConfigDict:
-    """The side-by-side config: one detection task, official vocabulary (35000 tokens)."""
-    s = SHARED
+def shared_config(s: dict[str, int] | None = None) -> ml_collections.ConfigDict:
+    """The side-by-side config: one detection task, official vocabulary (35000 tokens).
+
+    `s`: the sizes (default SHARED).
+    """
+    s = s or SHARED
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.vocab = defaults.vocab_config()
@@ -162,18 +166,25 @@ def weighted_share(batches: list[dict]) -> dict[str, float]:
     }
 
 
-def measure(
-    config: Any,
-    lengths: dict[str, int],
-    repeats: int = 10,
-    peak_size: int = 2048,
-    batches: list[dict] | None = None,
-) -> dict[str, Any]:
-    """Times the jitted step of `config` with sequences of `lengths`.
+@dataclasses.dataclass
+class CompiledStep:
+    """A config's compiled train step, ready to time on its batches."""
 
-    `batches`: the steps' inputs, in turn (default: one batch of random
-    tokens, every position weighted). MFU: the analytic FLOPs per second over
-    the float32 matmul peak of a [peak_size]² product timed between the steps.
+    run: Callable[[dict], Any]  # one step on a batch; returns its loss (not yet ready)
+    batches: list[dict]
+    parameters: int
+    xla_flops: float
+    analytic_flops: float  # every position projected (the official step's FLOPs)
+    images: int  # per step
+
+
+def compile_step(
+    config: Any, lengths: dict[str, int], batches: list[dict] | None = None
+) -> CompiledStep:
+    """Builds and compiles the batch-mixing step of `config` for sequences of `lengths`.
+
+    `batches`: the steps' inputs (default: one batch of random tokens, every
+    position weighted).
     """
     space = vocab.TokenSpace.from_config(config.vocab)
     model = sizes.build_model(
@@ -208,33 +219,61 @@ def measure(
     compiled = step.lower(state, batches[0]).compile()  # compiled once: counted and timed
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
+    return CompiledStep(
+        run=lambda batch: compiled(state, batch)[1]["loss"],
+        batches=batches,
+        parameters=int(sum(x.size for x in jax.tree.leaves(params))),
+        xla_flops=float(cost.get("flops", 0.0)),
+        analytic_flops=analytic_flops(config, size, lengths, batches[0]),
+        images=sum(b["image"].shape[0] for b in batches[0].values()),
+    )
+
+
+def measure(
+    config: Any,
+    lengths: dict[str, int],
+    repeats: int = 10,
+    peak_size: int = 2048,
+    batches: list[dict] | None = None,
+) -> dict[str, Any]:
+    """Times the jitted step of `config` with sequences of `lengths`.
+
+    `batches`: the steps' inputs, in turn (`compile_step`). MFU: the analytic
+    FLOPs per second over the float32 matmul peak of a [peak_size]² product
+    timed between the steps.
+    """
+    step = compile_step(config, lengths, batches)
     # The step and the matmul peak alternate, so that both see the same
     # machine: a shared CPU's speed moves within minutes.
-    a = jax.random.normal(jax.random.key(0), (peak_size, peak_size), jnp.float32)
-    product = jax.jit(jnp.matmul)
+    product = peak_product(peak_size)
     step_times, peak_times = [], []
     for i in range(repeats):
-        batch = batches[i % len(batches)]
-        step_times.append(median_seconds(lambda: compiled(state, batch)[1]["loss"], 1))  # noqa: B023
-        peak_times.append(median_seconds(lambda: product(a, a), 1))  # noqa: B023
+        batch = step.batches[i % len(step.batches)]
+        step_times.append(median_seconds(lambda: step.run(batch), 1))  # noqa: B023
+        peak_times.append(median_seconds(product, 1))
     seconds = statistics.median(step_times)
     peak = 2 * peak_size**3 / statistics.median(peak_times) / 1e9
-    images = sum(b["image"].shape[0] for b in batches[0].values())
-    # The model's FLOPs with every position projected (the official step's).
-    flops = analytic_flops(config, size, lengths, batches[0])
+    flops = step.analytic_flops
     return {
         "step_s": round(seconds, 4),
         "steps_per_s": round(1 / seconds, 3),
-        "images_per_s": round(images / seconds, 2),
-        "xla_gflops_per_step": round(float(cost.get("flops", 0.0)) / 1e9, 2),
+        "images_per_s": round(step.images / seconds, 2),
+        "xla_gflops_per_step": round(step.xla_flops / 1e9, 2),
         "analytic_gflops_per_step": round(flops / 1e9, 2),
         "achieved_gflops": round(flops / seconds / 1e9, 1),
-        "parameters": int(sum(x.size for x in jax.tree.leaves(params))),
+        "parameters": step.parameters,
         "float32_gflops": round(peak, 1),
         "mfu": round(flops / seconds / 1e9 / peak, 3),
-        "weighted_share": weighted_share(batches),
+        "weighted_share": weighted_share(step.batches),
         "projected_fraction": train.projected_fractions(config),
     }
+
+
+def peak_product(size: int = 2048) -> Callable[[], jax.Array]:
+    """A jitted float32 [size]² product to time between steps (2·size³ FLOPs)."""
+    a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
+    product = jax.jit(jnp.matmul)
+    return lambda: product(a, a)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -1,10 +1,12 @@
 """`python -m benchmarks.NAME` runs and reports its fields (timings are not asserted)."""
 
 import json
+import sys
 
 import numpy as np
+import pytest
 
-from benchmarks import decode, peak
+from benchmarks import decode, peak, side_by_side
 from benchmarks import input as input_benchmark
 from benchmarks import train as train_benchmark
 
@@ -90,3 +92,62 @@ def test_input_reports_each_tasks_rate_against_the_steps_consumption(tmp_path, m
     assert row["consumed_per_s"] == round(2 * record["train_steps_per_s"], 1)
     assert row["headroom"] == round(row["examples_per_s"] / row["consumed_per_s"], 2)
     assert record["input_steps_per_s"] > 0 and record["headroom"] > 0
+
+
+# A stand-in for the official repository: its Model / get_loss / build_optimizer
+# interface in plain TensorFlow, small enough to build in seconds.
+FAKE_AR_MODEL = """
+import tensorflow as tf
+
+class Model(tf.Module):
+    def __init__(self, config):
+        m = config.model
+        self.embed = tf.Variable(tf.random.normal([m.vocab_size, 8], stddev=0.02))
+        self.colour = tf.Variable(tf.zeros([3, 8]))
+
+    def __call__(self, image, tokens, training):
+        h = tf.gather(self.embed, tokens) + (tf.reduce_mean(image, [1, 2]) @ self.colour)[:, None]
+        return tf.einsum("btd,vd->btv", h, self.embed)
+"""
+FAKE_MODEL_UTILS = """
+import tensorflow as tf
+
+def get_loss(logits, targets, kind):
+    assert kind == "xent"
+    return tf.nn.sparse_softmax_cross_entropy_with_logits(targets, logits)
+
+class _SGD:
+    def __init__(self, lr):
+        self.lr = lr
+
+    def apply_gradients(self, pairs):
+        for g, v in pairs:
+            v.assign_sub(self.lr * g)
+
+def build_optimizer(config, lr):
+    return _SGD(lr)
+"""
+
+
+def test_side_by_side_alternates_with_the_official_step(tmp_path):
+    repo = tmp_path / "pix2seq"
+    (repo / "models").mkdir(parents=True)
+    (repo / "models" / "ar_model.py").write_text(FAKE_AR_MODEL)
+    (repo / "models" / "model_utils.py").write_text(FAKE_MODEL_UTILS)
+    results = tmp_path / "results.jsonl"
+    args = ["--pix2seq", str(repo), "--tf_python", sys.executable, "--tiny"]
+    record = side_by_side.main(args + ["--rounds", "2", "--steps", "1", "--results", str(results)])
+    assert _last_line(results) == record and record["benchmark"] == "side_by_side"
+    assert record["parameters"]["official"] == 35000 * 8 + 3 * 8  # the stand-in's variables
+    assert record["parameters"]["ours"] > 0
+    # Each ratio is the one its step times give.
+    want = record["official_step_s"] / record["ours_same_step_s"]
+    assert abs(record["same_speedup"] - want) <= 0.01 * want
+    ours_real = record["ours_real_images_per_s"] / record["official_images_per_s"]
+    assert abs(record["real_speedup"] - ours_real) <= 0.01 * ours_real
+    assert 0 < record["weighted_share_real"]["object_detection"] < 1
+    # Missing pieces fail before anything is built, naming the flag and the fix.
+    with pytest.raises(SystemExit, match="--pix2seq .*clone"):
+        side_by_side.main(["--pix2seq", str(tmp_path), "--tf_python", sys.executable])
+    with pytest.raises(SystemExit, match="--tf_python .*tensorflow-cpu==2.15.1"):
+        side_by_side.main(["--pix2seq", str(repo), "--tf_python", str(tmp_path / "nope")])

@@ -7,7 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from unified_seq.decoding import MASKED_LOGIT, filter_logits, row_keys, sample_sequences
+from unified_seq.decoding import (
+    MASKED_LOGIT,
+    filter_logits,
+    next_token,
+    nucleus_sample,
+    row_keys,
+    sample_sequences,
+)
 from unified_seq.grammar import Grammar
 from unified_seq.models import build_model, model_config
 
@@ -197,6 +204,47 @@ def test_nucleus_equals_the_full_sort_and_samples_the_same(scale):
     kept = np.sum(np.asarray(filter_logits(logits, top_p=0.9)) > MASKED_LOGIT / 2, axis=-1)
     # The two cases do take the two paths.
     assert (kept.max() < 64) if scale > 1 else (kept.min() > 64)
+
+
+@pytest.mark.parametrize("scale", [8.0, 0.05], ids=["nucleus-in-candidates", "flat-full-sort"])
+def test_nucleus_draw_is_the_full_sorts_and_stays_in_the_nucleus(scale):
+    r = np.random.default_rng(3)
+    vocab = 35000
+    logits = jnp.asarray(r.normal(size=(64, vocab)) * scale, jnp.float32)
+    uniform = jax.random.uniform(jax.random.key(5), (64,))
+    for top_p, top_k in ((0.1, 0), (0.4, 0), (0.9, 0), (0.9, 100)):
+        fast = nucleus_sample(uniform, logits, top_p=top_p, top_k=top_k)
+        full = nucleus_sample(uniform, logits, top_p=top_p, top_k=top_k, candidates=vocab)
+        np.testing.assert_array_equal(fast, full)
+        kept = np.asarray(filter_logits(logits, top_p=top_p, top_k=top_k)) > MASKED_LOGIT / 2
+        assert kept[np.arange(64), np.asarray(fast)].all()
+
+
+def test_nucleus_draw_follows_the_renormalised_nucleus():
+    probs = np.array([0.15, 0.5, 0.05, 0.3])  # the 0.96 nucleus: 1, 3, 0
+    logits = jnp.broadcast_to(jnp.log(jnp.asarray(probs, jnp.float32)), (100_000, 4))
+    uniform = jax.random.uniform(jax.random.key(0), (100_000,))
+    # Two candidates hold 0.8 < p: the draw must fall back to the full sort.
+    for candidates in (2, 4):
+        tokens = nucleus_sample(uniform, logits, top_p=0.96, candidates=candidates)
+        share = np.bincount(np.asarray(tokens), minlength=4) / len(tokens)
+        np.testing.assert_allclose(share, [0.15 / 0.95, 0.5 / 0.95, 0.0, 0.3 / 0.95], atol=0.005)
+    # The spans are laid out in descending order of probability.
+    edges = jnp.array([0.0, 0.5 / 0.95 - 1e-4, 0.5 / 0.95 + 1e-4, 0.9999])
+    np.testing.assert_array_equal(nucleus_sample(edges, logits[:4], top_p=0.96), [1, 1, 3, 0])
+
+
+def test_per_row_keys_draw_as_one_row_batches():
+    # A row's draw depends on its key and logits only, in any batch.
+    r = np.random.default_rng(1)
+    logits = jnp.asarray(r.normal(size=(6, 500)) * 3, jnp.float32)
+    keys = jax.random.split(jax.random.key(9), 6)
+    for top_p in (0.5, 1.0):
+        batched = next_token(keys, logits, top_p=top_p)
+        alone = [
+            int(next_token(keys[i : i + 1], logits[i : i + 1], top_p=top_p)[0]) for i in range(6)
+        ]
+        np.testing.assert_array_equal(batched, alone)
 
 
 def test_compiles_once_for_two_calls(setup):

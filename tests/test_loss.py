@@ -30,11 +30,10 @@ def _both(hidden, targets, weights, kernel, **options):
 
     def projected(h, k):
         return loss.hidden_token_loss(
-            lambda x: x @ k,
+            lambda x, t: loss.cross_entropy(x @ k, t, smoothing),
             h,
             targets,
             weights,
-            label_smoothing=smoothing,
             normalizer=normalizer,
             **options,
         )
@@ -85,7 +84,12 @@ def test_weight_zero_positions_are_not_projected_when_the_weighted_ones_fit():
 
     def projected(h, fraction):
         return loss.hidden_token_loss(
-            lambda x: x @ kernel, h, targets, jnp.asarray(weights), fraction=fraction, groups=2
+            lambda x, t: loss.cross_entropy(x @ kernel, t),
+            h,
+            targets,
+            jnp.asarray(weights),
+            fraction=fraction,
+            groups=2,
         )
 
     np.testing.assert_allclose(projected(poisoned, 0.5), clean, rtol=1e-6)
@@ -134,8 +138,45 @@ def test_the_model_step_equals_the_full_projection_step():
             0.1, None, {"object_detection": fraction}, 2,
         )  # fmt: skip
 
+    def by_autodiff(params):
+        # The plain definition: the model's logits, then the token loss.
+        logits, _ = model.apply({"params": params}, images, tokens)
+        return loss.token_loss(logits, batches["object_detection"]["target_seq"], weights, 0.1)
+
+    ref, ref_grads = jax.value_and_grad(by_autodiff)(params)
     (full, _), full_grads = run(1.0)
     (part, _), part_grads = run(0.5)
+    np.testing.assert_allclose(full, ref, rtol=1e-6)
     np.testing.assert_allclose(part, full, rtol=1e-6)
-    for a, b in zip(jax.tree.leaves(part_grads), jax.tree.leaves(full_grads), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+    for grads in (full_grads, part_grads):
+        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_the_fused_output_layer_loss_has_the_autodiff_gradients(smoothing):
+    r = np.random.default_rng(4)
+    hidden = jnp.asarray(r.normal(size=(24, WIDTH)), jnp.float32)
+    embedding = jnp.asarray(r.normal(size=(VOCAB, WIDTH)), jnp.float32)
+    bias = jnp.asarray(r.normal(size=(VOCAB,)), jnp.float32)
+    targets = jnp.asarray(r.integers(0, VOCAB, 24), jnp.int32)
+    g = jnp.asarray(r.random(24), jnp.float32)  # a weighted sum, as the loss takes
+
+    def fused(h, e, b):
+        return jnp.sum(g * loss.projected_cross_entropy(h, e, b, targets, smoothing))
+
+    def plain(h, e, b):
+        return jnp.sum(g * loss.cross_entropy(h @ e.T + b, targets, smoothing))
+
+    got, got_grads = jax.value_and_grad(fused, (0, 1, 2))(hidden, embedding, bias)
+    want, want_grads = jax.value_and_grad(plain, (0, 1, 2))(hidden, embedding, bias)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # In bfloat16 compute the products run in bfloat16, the loss stays float32.
+    low = jax.value_and_grad(fused, (0, 1, 2))(
+        hidden.astype(jnp.bfloat16), embedding.astype(jnp.bfloat16), bias
+    )
+    assert low[0].dtype == jnp.float32
+    assert [x.dtype for x in low[1]] == [jnp.bfloat16, jnp.bfloat16, jnp.float32]
+    np.testing.assert_allclose(low[0], want, rtol=2e-2)

@@ -46,6 +46,24 @@ MASKED_LOGIT = -1e10
 NUCLEUS_CANDIDATES = 64
 
 
+def _nucleus_cut(ordered: jax.Array, log_total: jax.Array, top_p: float):
+    """The smallest logit the nucleus keeps, from logits sorted in descending order.
+
+    Returns the cut [..., 1] and the probability mass of all of `ordered` [...].
+    """
+    cumulative = jnp.cumsum(jnp.exp(ordered - log_total), axis=-1)
+    keep = (cumulative <= top_p).at[..., 0].set(True)
+    cut = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
+    return cut, cumulative[..., -1]
+
+
+def _mask_top_k(logits: jax.Array, top_k: int) -> jax.Array:
+    if top_k <= 0:
+        return logits
+    kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+    return jnp.where(logits < kth, MASKED_LOGIT, logits)
+
+
 def filter_logits(logits: jax.Array, *, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
     """Masks logits outside the top-k and then outside the nucleus (official `top_logits`).
 
@@ -63,33 +81,82 @@ def filter_logits(logits: jax.Array, *, top_k: int = 0, top_p: float = 1.0) -> j
     Returns:
       float32[..., V] with dropped entries set to MASKED_LOGIT.
     """
-    if top_k > 0:
-        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
-        logits = jnp.where(logits < kth, MASKED_LOGIT, logits)
+    logits = _mask_top_k(logits, top_k)
     if top_p < 1.0:
         log_total = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
-
-        def threshold(ordered: jax.Array) -> tuple[jax.Array, jax.Array]:
-            # The smallest kept logit, from logits sorted in descending order,
-            # and the probability mass of all of them.
-            cumulative = jnp.cumsum(jnp.exp(ordered - log_total), axis=-1)
-            keep = (cumulative <= top_p).at[..., 0].set(True)
-            cut = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
-            return cut, cumulative[..., -1]
-
         # Sorting all V logits is most of a decoding step's time (V = 35000);
         # the nucleus almost always lies among the few largest. When the
         # candidates' mass exceeds p in every row it does, and their cut is
         # the full sort's; otherwise the full sort decides.
         count = min(NUCLEUS_CANDIDATES, logits.shape[-1])
-        cut, mass = threshold(jax.lax.top_k(logits, count)[0])
+        cut, mass = _nucleus_cut(jax.lax.top_k(logits, count)[0], log_total, top_p)
         cut = jax.lax.cond(
             jnp.all(mass > top_p),
             lambda: cut,
-            lambda: threshold(-jnp.sort(-logits, axis=-1))[0],
+            lambda: _nucleus_cut(-jnp.sort(-logits, axis=-1), log_total, top_p)[0],
         )
         logits = jnp.where(logits < cut, MASKED_LOGIT, logits)
     return logits
+
+
+def nucleus_sample(
+    uniform: jax.Array,
+    logits: jax.Array,
+    *,
+    top_p: float,
+    top_k: int = 0,
+    candidates: int = NUCLEUS_CANDIDATES,
+) -> jax.Array:
+    """Draws from the tokens `filter_logits` keeps, by inverting their distribution.
+
+    The kept tokens, in descending order of logit, split [0, 1) into spans
+    proportional to their probabilities; `uniform` picks the span it falls
+    in. One uniform number per row replaces a Gumbel number per token, which
+    at V = 35000 was most of a sampling step. The draw looks only at the
+    `candidates` largest logits when they hold the whole nucleus in every
+    row (more than p of the mass, and no tie with the smallest kept logit
+    outside them); otherwise it sorts all logits. Both give the same token
+    for the same `uniform`.
+
+    Args:
+      uniform: float32[...] in [0, 1), one per row.
+      logits: float32[..., V] (already divided by the temperature).
+      top_p: Python float in (0, 1).
+      top_k: Python int (0 = off), applied first as in `filter_logits`.
+      candidates: how many of the largest logits the fast path looks at.
+
+    Returns:
+      int32[...] token ids.
+    """
+    logits = _mask_top_k(logits, top_k)
+    log_total = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+
+    def draw(ordered: jax.Array, ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+        cut, mass = _nucleus_cut(ordered, log_total, top_p)
+        kept = jnp.where(ordered >= cut, jnp.exp(ordered - log_total), 0.0)
+        cumulative = jnp.cumsum(kept, axis=-1)
+        target = uniform[..., None] * cumulative[..., -1:]
+        # The first kept token whose cumulative mass passes the target; the
+        # clip guards against rounding at the top end.
+        last = jnp.sum(ordered >= cut, axis=-1, keepdims=True) - 1
+        position = jnp.minimum(jnp.sum(cumulative <= target, axis=-1, keepdims=True), last)
+        token = jnp.take_along_axis(ids, position, axis=-1)[..., 0]
+        # min, not [..., -1]: XLA folds a one-element slice into the top-k's
+        # sort, which then stops being rewritten to its fast TopK kernel.
+        whole = (mass > top_p) & (jnp.min(ordered, axis=-1) < cut[..., 0])
+        return token.astype(jnp.int32), jnp.all(whole)
+
+    count = min(candidates, logits.shape[-1])
+    token, whole = draw(*jax.lax.top_k(logits, count))
+
+    def full_sort() -> jax.Array:
+        ids = jnp.broadcast_to(jnp.arange(logits.shape[-1], dtype=jnp.int32), logits.shape)
+        negated, ids = jax.lax.sort((-logits, ids), dimension=logits.ndim - 1, num_keys=1)
+        return draw(-negated, ids)[0]
+
+    if count == logits.shape[-1]:
+        return token
+    return jax.lax.cond(whole, lambda: token, full_sort)
 
 
 def next_token(
@@ -101,10 +168,26 @@ def next_token(
     top_p: float = 1.0,
     greedy: bool = False,
 ) -> jax.Array:
-    """Draws int32[B] from raw logits float32[B, V]; greedy or temperature 0 → argmax."""
+    """Draws int32[B] from raw logits float32[B, V]; greedy or temperature 0 → argmax.
+
+    `rng` is one key for the batch or keys[B], one per row (`row_keys`).
+    Nucleus sampling (top_p < 1) draws by `nucleus_sample`, any other by
+    Gumbel noise over the whole vocabulary (`jax.random.categorical`).
+    """
     if greedy or temperature == 0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = filter_logits(logits / temperature, top_k=top_k, top_p=top_p)
+    logits = logits / temperature
+    per_row = jnp.ndim(rng) == 1
+    if top_p < 1.0:
+        if per_row:
+            uniform = jax.vmap(lambda key: jax.random.uniform(key, ()))(rng)
+        else:
+            uniform = jax.random.uniform(rng, logits.shape[:-1])
+        # Batched outside any vmap, so that lax.cond skips the full sort.
+        return nucleus_sample(uniform, logits, top_p=top_p, top_k=top_k)
+    logits = filter_logits(logits, top_k=top_k)
+    if per_row:
+        return jax.vmap(jax.random.categorical)(rng, logits).astype(jnp.int32)
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
@@ -228,8 +311,7 @@ def sample_sequences(
             mask = kind_allowed[s["grammar"]][:, jnp.maximum(kinds, 0)] & (kinds >= 0)
             allowed = jnp.where(mask, logits, MASKED_LOGIT)
         if per_row:
-            keys = jax.vmap(jax.random.fold_in, (0, None))(rng, i)
-            sampled = jax.vmap(draw)(keys, allowed)
+            sampled = draw(jax.vmap(jax.random.fold_in, (0, None))(rng, i), allowed)
         else:
             sampled = draw(jax.random.fold_in(rng, i), allowed)
         token = jnp.where(s["done"], PADDING, sampled)

@@ -38,7 +38,7 @@ from unified_seq import checkpoint, evaluate, init_from, optim, preemption, shar
 from unified_seq import workdir as workdir_lib
 from unified_seq.data import inputs, pipeline
 from unified_seq.errors import CheckpointError, ConfigError, NonFiniteError, Preempted
-from unified_seq.loss import hidden_token_loss, token_loss
+from unified_seq.loss import hidden_token_loss
 from unified_seq.models import sizes
 from unified_seq.tasks import build_tasks
 
@@ -92,24 +92,18 @@ def task_losses(
         model_args = (batch["image"], batch["input_seq"])
         rngs = {"dropout": jax.random.fold_in(rng, i)}
         normalizer = None if normalizers is None else normalizers[task]
-        fraction = (projected or {}).get(task, 1.0)
-        if fraction >= 1:
-            logits, _ = model.apply({"params": params}, *model_args, train=train, rngs=rngs)
-            losses[task] = token_loss(
-                logits, batch["target_seq"], batch["token_weights"], label_smoothing, normalizer
-            )
-            continue
         hidden = model.apply(
             {"params": params}, *model_args, train=train, rngs=rngs, method="hidden"
         )
         losses[task] = hidden_token_loss(
-            lambda h: model.apply({"params": params}, h, method="logits"),
+            lambda h, t: model.apply(
+                {"params": params}, h, t, label_smoothing, method="token_cross_entropy"
+            ),
             hidden,
             batch["target_seq"],
             batch["token_weights"],
-            fraction=fraction,
+            fraction=(projected or {}).get(task, 1.0),
             groups=loss_groups,
-            label_smoothing=label_smoothing,
             normalizer=normalizer,
         )
     return losses

@@ -122,6 +122,12 @@ class EncoderDecoder(nn.Module):
         """float[..., d_dec] → float32[..., V]: the output projection (see `Decoder.logits`)."""
         return self.decoder.logits(hidden)
 
+    def token_cross_entropy(
+        self, hidden: jax.Array, targets: jax.Array, label_smoothing: float = 0.0
+    ) -> jax.Array:
+        """float32[N]: the loss of each position of `hidden` float[N, d_dec] (`Decoder`)."""
+        return self.decoder.token_cross_entropy(hidden, targets, label_smoothing)
+
     def __call__(
         self, images: jax.Array, tokens: jax.Array, *, train: bool = False
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
