@@ -136,7 +136,7 @@ def test_side_by_side_alternates_with_the_official_step(tmp_path):
     (repo / "models" / "model_utils.py").write_text(FAKE_MODEL_UTILS)
     results = tmp_path / "results.jsonl"
     args = ["--pix2seq", str(repo), "--tf_python", sys.executable, "--tiny"]
-    record = side_by_side.main(args + ["--rounds", "2", "--steps", "1", "--results", str(results)])
+    record = side_by_side.main(args + ["--rounds", "1", "--steps", "1", "--results", str(results)])
     assert _last_line(results) == record and record["benchmark"] == "side_by_side"
     assert record["parameters"]["official"] == 35000 * 8 + 3 * 8  # the stand-in's variables
     assert record["parameters"]["ours"] > 0
