@@ -103,7 +103,7 @@ def untrained(tmp_path_factory):
     data = inputs.load_split(config, "val", space, workdir=str(tmp_path_factory.mktemp("w")))
     model = train.build_model(config, space)
     images = np.zeros([1, 64, 64, 3], np.float32)
-    params = model.init(jax.random.key(0), images, np.zeros([1, 4], np.int32))["params"]
+    params = jax.jit(model.init)(jax.random.key(0), images, np.zeros([1, 4], np.int32))["params"]
     return config, data, model, params
 
 

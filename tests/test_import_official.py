@@ -166,7 +166,7 @@ def test_eval_and_init_from_read_the_import_and_training_there_is_refused(import
     space = vocab.TokenSpace.from_config(config.vocab)
     model = train.build_model(config, space)
     length = max(train.sequence_lengths(config).values())
-    fresh = model.init(
+    fresh = jax.jit(model.init)(
         jax.random.key(1), jnp.zeros([1, 64, 64, 3]), jnp.zeros([1, length], jnp.int32)
     )["params"]
     loaded = init_from.load_initial_params(out, fresh, config)

@@ -68,7 +68,7 @@ def _fresh_params(config):
     size = config.data.image_size
     images = np.zeros([1, size, size, 3], np.float32)
     tokens = np.zeros([1, 4], np.int32)
-    return model.init(jax.random.key(1), images, tokens)["params"]
+    return jax.jit(model.init)(jax.random.key(1), images, tokens)["params"]
 
 
 def _named(tree) -> dict:

@@ -112,7 +112,7 @@ def test_the_model_step_equals_the_full_projection_step():
     r = np.random.default_rng(0)
     images = r.random((4, 32, 32, 3), np.float32)
     tokens = r.integers(1, 64, (4, 16)).astype(np.int32)
-    params = model.init(jax.random.key(0), images[:1], tokens[:1])["params"]
+    params = jax.jit(model.init)(jax.random.key(0), images[:1], tokens[:1])["params"]
     # Detection-like rows: a weighted head, weight-0 noise coordinates and padding.
     weights = np.zeros([4, 16], np.float32)
     weights[:, :5] = 1.0
@@ -133,17 +133,17 @@ def test_the_model_step_equals_the_full_projection_step():
 
     def run(fraction):
         fn = jax.value_and_grad(train.mixed_loss, has_aux=True)
-        return fn(
-            params, model, batches, jax.random.key(0), {"object_detection": 1.0},
+        return jax.jit(lambda p: fn(
+            p, model, batches, jax.random.key(0), {"object_detection": 1.0},
             0.1, None, {"object_detection": fraction}, 2,
-        )  # fmt: skip
+        ))(params)  # fmt: skip
 
     def by_autodiff(params):
         # The plain definition: the model's logits, then the token loss.
         logits, _ = model.apply({"params": params}, images, tokens)
         return loss.token_loss(logits, batches["object_detection"]["target_seq"], weights, 0.1)
 
-    ref, ref_grads = jax.value_and_grad(by_autodiff)(params)
+    ref, ref_grads = jax.jit(jax.value_and_grad(by_autodiff))(params)
     (full, _), full_grads = run(1.0)
     (part, _), part_grads = run(0.5)
     np.testing.assert_allclose(full, ref, rtol=1e-6)

@@ -25,7 +25,7 @@ def _model(**overrides):
 
 def _params(model):
     images = jnp.zeros([1, SIZE, SIZE, 3])
-    return model.init(jax.random.key(0), images, jnp.zeros([1, 8], jnp.int32))["params"]
+    return jax.jit(model.init)(jax.random.key(0), images, jnp.zeros([1, 8], jnp.int32))["params"]
 
 
 def _batches(batch: int, seed: int = 0):
@@ -63,17 +63,17 @@ def test_bfloat16_computes_in_bfloat16_but_keeps_float32_parameters_and_logits()
     assert {x.dtype for x in jax.tree_util.tree_leaves(params_bf16)} == {jnp.dtype(jnp.float32)}
     images = jax.random.uniform(jax.random.key(1), (2, SIZE, SIZE, 3))
     tokens = jax.random.randint(jax.random.key(2), (2, 10), 0, VOCAB)
-    logits, extras = f32.apply({"params": params}, images, tokens)
-    logits16, extras16 = bf16.apply({"params": params}, images, tokens)
+    # Jitted: run op by op, the bfloat16 model compiles each of its ops alone (minutes).
+    logits, _ = jax.jit(f32.apply)({"params": params}, images, tokens)
+    logits16, extras16 = jax.jit(bf16.apply)({"params": params}, images, tokens)
     assert extras16["encoded"].dtype == jnp.bfloat16  # the compute type
     assert logits16.dtype == jnp.float32
     scale = float(jnp.max(jnp.abs(logits)))
     assert float(jnp.max(jnp.abs(logits16 - logits))) < 0.05 * scale
     # Gradients (and so the optimizer state) are float32 too.
     batches = _batches(2)
-    grads = jax.grad(lambda p: train.mixed_loss(p, bf16, batches, jax.random.key(0), WEIGHTS)[0])(
-        params
-    )
+    loss = lambda p: train.mixed_loss(p, bf16, batches, jax.random.key(0), WEIGHTS)[0]  # noqa: E731
+    grads = jax.jit(jax.grad(loss))(params)
     assert {x.dtype for x in jax.tree_util.tree_leaves(grads)} == {jnp.dtype(jnp.float32)}
 
 

@@ -79,7 +79,7 @@ def test_drop_path_drops_whole_branches_per_example():
     cfg = model_config("tiny", **TINY, dropout=0.0, drop_path=0.5)
     model = build_model(cfg, VOCAB, max_len=16)
     images = jnp.ones((8, 32, 32, 3)) * 0.5
-    variables = model.init(jax.random.key(0), images, jnp.zeros((8, 4), jnp.int32))
+    variables = jax.jit(model.init)(jax.random.key(0), images, jnp.zeros((8, 4), jnp.int32))
     eval_enc = model.apply(variables, images, method=model.encode)
     train_enc = model.apply(
         variables, images, train=True, method=model.encode, rngs={"dropout": jax.random.key(3)}
@@ -153,7 +153,7 @@ def test_conv_stem_gives_the_patch_grid_and_sees_locally():
     model = build_model(model_config("tiny", stem="conv", **TINY), VOCAB, max_len=16)
     images = jax.random.uniform(jax.random.key(1), (2, 32, 32, 3))
     tokens = jax.random.randint(jax.random.key(2), (2, 10), 0, VOCAB)
-    variables = model.init(jax.random.key(0), images, tokens)
+    variables = jax.jit(model.init)(jax.random.key(0), images, tokens)
     stem = variables["params"]["encoder"]["conv_stem"]
     # patch 8 = three stride-2 convolutions, then the 1x1 projection.
     assert sorted(k for k in stem if k.startswith("conv")) == ["conv_0", "conv_1", "conv_2"]
@@ -203,7 +203,7 @@ def test_sincos_coord_init_sets_only_the_coordinate_rows():
 
     def embedding(cfg, coord_range):
         model = build_model(cfg, VOCAB, 16, coord_range=coord_range)
-        params = model.init(jax.random.key(0), images, tokens)["params"]
+        params = jax.jit(model.init)(jax.random.key(0), images, tokens)["params"]
         return np.asarray(params["decoder"]["embed"]["embedding"])
 
     normal = embedding(model_config("tiny", **TINY), (100, 64))

@@ -128,7 +128,7 @@ def test_decode_all_objects_fills_every_slot(data_dir):
     space = vocab.TokenSpace.from_config(config.vocab)
     model = train.build_model(config, space)
     images = np.zeros([2, 64, 64, 3], np.float32)
-    params = model.init(jax.random.key(0), images, np.zeros([2, 4], np.int32))["params"]
+    params = jax.jit(model.init)(jax.random.key(0), images, np.zeros([2, 4], np.int32))["params"]
     predictor = Predictor(model, params)
     task = build_tasks(config)["object_detection"]
     data = inputs.load_split(config, "val", space)

@@ -40,7 +40,7 @@ def _batches(rng):
 
 def _params(model):
     images = jnp.zeros([1, SIZE, SIZE, 3])
-    return model.init(jax.random.key(0), images, jnp.zeros([1, 8], jnp.int32))["params"]
+    return jax.jit(model.init)(jax.random.key(0), images, jnp.zeros([1, 8], jnp.int32))["params"]
 
 
 def test_token_loss_is_weighted_mean_cross_entropy():
@@ -101,9 +101,9 @@ def test_mixed_gradient_equals_weighted_sum_of_task_gradients():
     params = _params(model)
     batches = _batches(0)
     rng = jax.random.key(1)
-    (_, losses), grad = jax.value_and_grad(train.mixed_loss, has_aux=True)(
-        params, model, batches, rng, WEIGHTS
-    )
+    # Jitted: the whole model op by op compiles each op alone (most of this test's time).
+    mixed = jax.value_and_grad(train.mixed_loss, has_aux=True)
+    (_, losses), grad = jax.jit(lambda p: mixed(p, model, batches, rng, WEIGHTS))(params)
     expected = None
     for task in sorted(batches):
         # Each task alone, with the rng it gets inside the mixed loss.
@@ -115,7 +115,7 @@ def test_mixed_gradient_equals_weighted_sum_of_task_gradients():
                                     rngs={"dropout": jax.random.fold_in(rng, i)})  # fmt: skip
             return loss.token_loss(logits, b["target_seq"], b["token_weights"])
 
-        loss_t, g = jax.value_and_grad(single)(params)
+        loss_t, g = jax.jit(jax.value_and_grad(single))(params)
         assert float(loss_t) == pytest.approx(float(losses[task]), rel=1e-6)
         g = jax.tree_util.tree_map(lambda x, w=WEIGHTS[task]: w * x, g)
         expected = g if expected is None else jax.tree_util.tree_map(jnp.add, expected, g)
