@@ -481,6 +481,15 @@ def test_exif_orientation_matches_pil(orientation):
         assert plain.shape != got.shape or np.abs(got - plain).mean() > 20
 
 
+def test_orientation_is_a_stateless_branch():
+    # A stateful branch op makes tf.data log a warning per image under symbolic
+    # checkpointing (tens of thousands of lines in the default run).
+    specs = tf.TensorSpec([None, None, 3], tf.uint8), tf.TensorSpec([], tf.int64)
+    graph = tf.function(image_decode.orient).get_concrete_function(*specs).graph
+    kinds = {op.type for op in graph.get_operations()}
+    assert "StatelessCase" in kinds and "Case" not in kinds
+
+
 def test_big_endian_exif_after_jfif():
     """An "MM" TIFF block in an APP1 segment that follows JFIF's APP0."""
     buf = io.BytesIO()

@@ -197,15 +197,22 @@ def exif_orientation(data: tf.Tensor) -> tf.Tensor:
 
 def orient(image: tf.Tensor, orientation: tf.Tensor) -> tf.Tensor:
     """Applies EXIF orientation 1-8 to a decoded [h, w, c] image (as PIL's exif_transpose)."""
+
+    # Plain reverses and transposes: tf.image's versions carry shape asserts,
+    # which make the branch op stateful, and under symbolic checkpointing
+    # tf.data then logs a warning for every image (~20 lines per train step).
+    def swapped():
+        return tf.transpose(image, [1, 0, 2])
+
     branches = [
         lambda: image,
-        lambda: tf.image.flip_left_right(image),
-        lambda: tf.image.rot90(image, 2),
-        lambda: tf.image.flip_up_down(image),
-        lambda: tf.image.transpose(image),
-        lambda: tf.image.rot90(image, 3),  # 90° clockwise
-        lambda: tf.image.rot90(tf.image.transpose(image), 2),  # transverse
-        lambda: tf.image.rot90(image, 1),  # 90° counter-clockwise
+        lambda: tf.reverse(image, [1]),  # mirrored
+        lambda: tf.reverse(image, [0, 1]),  # 180°
+        lambda: tf.reverse(image, [0]),  # flipped
+        swapped,  # transposed
+        lambda: tf.reverse(swapped(), [1]),  # 90° clockwise
+        lambda: tf.reverse(swapped(), [0, 1]),  # transverse
+        lambda: tf.reverse(swapped(), [0]),  # 90° counter-clockwise
     ]
     index = tf.clip_by_value(tf.cast(orientation, tf.int32) - 1, 0, 7)
     return tf.switch_case(index, branches)
