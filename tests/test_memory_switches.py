@@ -72,7 +72,10 @@ def test_bfloat16_computes_in_bfloat16_but_keeps_float32_parameters_and_logits()
     assert float(jnp.max(jnp.abs(logits16 - logits))) < 0.05 * scale
     # Gradients (and so the optimizer state) are float32 too.
     batches = _batches(2)
-    loss = lambda p: train.mixed_loss(p, bf16, batches, jax.random.key(0), WEIGHTS)[0]  # noqa: E731
+
+    def loss(p):
+        return train.mixed_loss(p, bf16, batches, jax.random.key(0), WEIGHTS)[0]
+
     grads = jax.jit(jax.grad(loss))(params)
     assert {x.dtype for x in jax.tree_util.tree_leaves(grads)} == {jnp.dtype(jnp.float32)}
 
