@@ -5,8 +5,8 @@ r"""Our train step against the official TF2 Pix2Seq's, alternating in one run.
 Needs, outside the project (never commit them): a checkout of
 github.com/google-research/pix2seq (`--pix2seq`) and a Python with its
 dependencies (`--tf_python`: tensorflow 2.15 and tensorflow-addons 0.23 on
-Python 3.11, plus ml_collections and einops). The official step runs there
-(benchmarks/official_step.py); ours runs in this process.
+Python 3.11, plus ml_collections, einops and matplotlib). The official step
+runs there (benchmarks/official_step.py); ours runs in this process.
 
 Both sides use the `--shared` config of benchmarks.train (17,191,352
 parameters each, float32). Each round times `--steps` steps of, in turn:
@@ -83,8 +83,8 @@ def check_paths(pix2seq: str, tf_python: str) -> None:
     if not (os.path.isfile(tf_python) and os.access(tf_python, os.X_OK)):
         raise SystemExit(
             f"--tf_python {tf_python}: not an executable; make a virtual environment with "
-            "tensorflow-cpu==2.15.1 tensorflow-addons==0.23.0 ml_collections einops and pass "
-            "its bin/python"
+            "tensorflow-cpu==2.15.1 tensorflow-addons==0.23.0 ml_collections einops matplotlib "
+            "and pass its bin/python"
         )
 
 

@@ -57,11 +57,12 @@ def projected_cross_entropy(
 
     The output layer and the loss as one operation, so that its backward pass
     touches the [N, V] arrays as few times as XLA's CPU backend allows (at
-    V = 35000 each pass costs tens of milliseconds): the forward pass keeps
-    exp(z - max z), the backward pass turns it into the logits' gradient in
-    one elementwise pass, and the three products (hidden, embedding, bias)
-    read that. Autodiff of `cross_entropy` kept a [N, V] selection array
-    and passed over the logits twice more.
+    V = 35000 each pass costs tens of milliseconds): the forward pass writes
+    the product, reads it for the max and once more for exp(z - max z),
+    which it keeps; the backward pass's three products (hidden, embedding,
+    bias) read those exponentials directly, with the softmax scale and the
+    target terms applied on their narrow sides. Autodiff of `cross_entropy`
+    kept a [N, V] selection array and made more passes over the logits.
 
     Args:
       hidden: float[N, W] (the compute type: float32 or bfloat16).
@@ -77,36 +78,49 @@ def projected_cross_entropy(
 
 
 def _projected_forward(hidden, embedding, bias, targets, label_smoothing):
-    logits = jnp.einsum("nw,vw->nv", hidden, embedding, preferred_element_type=jnp.float32)
-    logits = logits + bias
-    peak = jnp.max(logits, axis=-1, keepdims=True)
+    f32 = jnp.float32
+    # The bias is added inside the max and the exponentials rather than to
+    # the product: one fewer pass over the [N, V] logits.
+    logits = jnp.einsum("nw,vw->nv", hidden, embedding, preferred_element_type=f32)
+    peak = jnp.max(logits + bias, axis=-1)
     # Kept whole for the backward pass; the barrier keeps XLA from also
     # folding the exponentials into the sum below, which its CPU backend
-    # runs slower than a sum over the kept array.
-    exps = jax.lax.optimization_barrier(jnp.exp(logits - peak))
-    total = jnp.sum(exps, axis=-1)
-    picked = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
-    ce = peak[:, 0] + jnp.log(total) - (1.0 - label_smoothing) * picked
+    # runs slower than a product over the kept array.
+    exps = jax.lax.optimization_barrier(jnp.exp(logits + bias - peak[:, None]))
+    total = jnp.einsum("nv,v->n", exps, jnp.ones(exps.shape[-1], f32))
+    picked = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0] + bias[targets]
+    ce = peak + jnp.log(total) - (1.0 - label_smoothing) * picked
     if label_smoothing:
-        ce = ce - label_smoothing * jnp.mean(logits, axis=-1)
+        # mean_v(h·e_v + b_v) = h · mean_v(e_v) + mean(b): no pass over [N, V].
+        mean_embedding = jnp.mean(embedding.astype(f32), axis=0)
+        ce = ce - label_smoothing * (hidden.astype(f32) @ mean_embedding + jnp.mean(bias))
     return ce, (hidden, embedding, exps, total, targets)
 
 
 def _projected_backward(label_smoothing, residuals, g):
     hidden, embedding, exps, total, targets = residuals
-    # dCE/dz = softmax(z) - (1 - α) · onehot(target) - α / V, times g.
-    onehot = jnp.arange(exps.shape[-1], dtype=targets.dtype) == targets[:, None]
-    grad = exps * (g / total)[:, None] - jnp.where(
-        onehot, ((1.0 - label_smoothing) * g)[:, None], 0.0
-    )
-    if label_smoothing:
-        grad = grad - (label_smoothing / exps.shape[-1]) * g[:, None]
-    low = grad.astype(hidden.dtype)
     f32 = jnp.float32
-    d_hidden = jnp.einsum("nv,vw->nw", low, embedding, preferred_element_type=f32)
-    d_embedding = jnp.einsum("nv,nw->vw", low, hidden, preferred_element_type=f32)
-    # The bias gradient as a product: XLA's CPU backend runs the row sum slowly.
-    d_bias = jnp.einsum("n,nv->v", jnp.ones(grad.shape[:1], grad.dtype), grad)
+    # dCE/dz = softmax(z) - (1 - α) · onehot(target) - α / V, times g. Each
+    # term's product is taken apart, so the [N, V] gradient is never
+    # formed: the products read the kept exponentials, each row's softmax
+    # scale goes on their [N, W] side, and the one-hot term touches only
+    # the N target rows.
+    scale = g / total
+    hit = (1.0 - label_smoothing) * g
+    low = exps.astype(hidden.dtype)
+    wide = hidden.astype(f32)
+    d_hidden = scale[:, None] * jnp.einsum("nv,vw->nw", low, embedding, preferred_element_type=f32)
+    d_hidden = d_hidden - hit[:, None] * embedding[targets].astype(f32)
+    scaled = (wide * scale[:, None]).astype(hidden.dtype)
+    d_embedding = jnp.einsum("nv,nw->vw", low, scaled, preferred_element_type=f32)
+    d_embedding = d_embedding.at[targets].add(-hit[:, None] * wide)
+    # The bias gradient as a product: XLA's CPU backend runs the column sum slowly.
+    d_bias = jnp.einsum("nv,n->v", exps, scale).at[targets].add(-hit)
+    if label_smoothing:
+        spread = label_smoothing / exps.shape[-1]
+        d_hidden = d_hidden - spread * g[:, None] * jnp.sum(embedding.astype(f32), axis=0)
+        d_embedding = d_embedding - spread * jnp.einsum("n,nw->w", g, wide)
+        d_bias = d_bias - spread * jnp.sum(g)
     return (
         d_hidden.astype(hidden.dtype),
         d_embedding.astype(embedding.dtype),
