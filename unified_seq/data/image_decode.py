@@ -60,12 +60,13 @@ def _bytes_at(data: tf.Tensor, pos: tf.Tensor, n: int) -> tf.Tensor:
 
 def _uint(b: tf.Tensor, little: tf.Tensor | bool) -> tf.Tensor:
     """Unsigned integer of the last axis of int64 bytes, in either byte order."""
-    n = b.shape[-1]
-    weights = tf.constant([256**i for i in range(n)], tf.int64)
+    powers = [256**i for i in range(b.shape[-1])]
+    # Both orders as constants: a reversing slice of a constant makes TF's
+    # graph optimiser log an alarming (harmless) "remapper failed" error.
     return tf.where(
         little,
-        tf.reduce_sum(b * weights, axis=-1),
-        tf.reduce_sum(b * weights[::-1], axis=-1),
+        tf.reduce_sum(b * tf.constant(powers, tf.int64), axis=-1),
+        tf.reduce_sum(b * tf.constant(powers[::-1], tf.int64), axis=-1),
     )
 
 
@@ -294,7 +295,7 @@ def _probe(path: tf.Tensor, max_pixels: int) -> tuple[tf.Tensor, ...]:
     def decoded_size():
         shape = tf.cast(tf.shape(_decode_raw_image(data))[:2], tf.int64)
         # Orientations 5-8 turn the image a quarter: height and width swap.
-        return tf.where(exif_orientation(data) >= 5, shape[::-1], shape)
+        return tf.where(exif_orientation(data) >= 5, tf.reverse(shape, [0]), shape)
 
     size = tf.cond(refused, lambda: tf.constant([-1, -1], tf.int64), decoded_size)
     return refused, hw, size
