@@ -153,14 +153,17 @@ def test_the_model_step_equals_the_full_projection_step():
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
 
 
-@pytest.mark.parametrize("smoothing", [0.0, 0.1])
-def test_the_fused_output_layer_loss_has_the_autodiff_gradients(smoothing):
+@pytest.mark.parametrize("smoothing, bias_scale", [(0.0, 1.0), (0.1, 1.0), (0.0, 12.0)])
+def test_the_fused_output_layer_loss_has_the_autodiff_gradients(smoothing, bias_scale):
     r = np.random.default_rng(4)
     hidden = jnp.asarray(r.normal(size=(24, WIDTH)), jnp.float32)
     embedding = jnp.asarray(r.normal(size=(VOCAB, WIDTH)), jnp.float32)
-    bias = jnp.asarray(r.normal(size=(VOCAB,)), jnp.float32)
+    # A wide bias (range ~60) moves the forward pass's bound on max(z + b)
+    # far from the true max.
+    bias = jnp.asarray(bias_scale * r.normal(size=(VOCAB,)), jnp.float32)
     targets = jnp.asarray(r.integers(0, VOCAB, 24), jnp.int32)
-    g = jnp.asarray(r.random(24), jnp.float32)  # a weighted sum, as the loss takes
+    # A weighted sum, as the loss takes; weight-0 rows must get no gradient.
+    g = jnp.asarray(r.random(24) * (r.random(24) > 0.25), jnp.float32)
 
     def fused(h, e, b):
         return jnp.sum(g * loss.projected_cross_entropy(h, e, b, targets, smoothing))

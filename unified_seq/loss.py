@@ -58,11 +58,12 @@ def projected_cross_entropy(
     The output layer and the loss as one operation, so that its backward pass
     touches the [N, V] arrays as few times as XLA's CPU backend allows (at
     V = 35000 each pass costs tens of milliseconds): the forward pass writes
-    the product, reads it for the max and once more for exp(z - max z),
+    the product, reads it for the max and once more for the exponentials,
     which it keeps; the backward pass's three products (hidden, embedding,
-    bias) read those exponentials directly, with the softmax scale and the
-    target terms applied on their narrow sides. Autodiff of `cross_entropy`
-    kept a [N, V] selection array and made more passes over the logits.
+    bias) read those exponentials directly, the target terms subtracted
+    from them in place and the softmax scale applied on their narrow
+    sides. Autodiff of `cross_entropy` kept a [N, V] selection array and
+    made more passes over the logits.
 
     Args:
       hidden: float[N, W] (the compute type: float32 or bfloat16).
@@ -79,10 +80,14 @@ def projected_cross_entropy(
 
 def _projected_forward(hidden, embedding, bias, targets, label_smoothing):
     f32 = jnp.float32
-    # The bias is added inside the max and the exponentials rather than to
-    # the product: one fewer pass over the [N, V] logits.
     logits = jnp.einsum("nw,vw->nv", hidden, embedding, preferred_element_type=f32)
-    peak = jnp.max(logits + bias, axis=-1)
+    # Any bound at or above each row's max(z + b) keeps the exponentials at
+    # most 1, and the loss does not depend on which: max z + max b needs no
+    # [N, V] sum z + b written for the max to read (XLA's CPU backend does
+    # not fuse that sum into its reduction). It exceeds the true max by at
+    # most the bias's range, which would have to pass ~80 before the
+    # exponentials underflow.
+    peak = jnp.max(logits, axis=-1) + jnp.max(bias)
     # Kept whole for the backward pass; the barrier keeps XLA from also
     # folding the exponentials into the sum below, which its CPU backend
     # runs slower than a product over the kept array.
@@ -100,22 +105,22 @@ def _projected_forward(hidden, embedding, bias, targets, label_smoothing):
 def _projected_backward(label_smoothing, residuals, g):
     hidden, embedding, exps, total, targets = residuals
     f32 = jnp.float32
-    # dCE/dz = softmax(z) - (1 - α) · onehot(target) - α / V, times g. Each
-    # term's product is taken apart, so the [N, V] gradient is never
-    # formed: the products read the kept exponentials, each row's softmax
-    # scale goes on their [N, W] side, and the one-hot term touches only
-    # the N target rows.
+    # dCE/dz = softmax(z) - (1 - α) · onehot(target) - α / V, times g, is
+    # never formed as a [N, V] array: the products read the kept
+    # exponentials and each row's softmax scale g / total goes on their
+    # [N, W] side. In those units the one-hot term is -(1 - α) · total at
+    # each target (whatever g, even 0), so it is subtracted from the N
+    # target entries in place and all three products carry it.
     scale = g / total
-    hit = (1.0 - label_smoothing) * g
+    rows = jnp.arange(exps.shape[0])
+    exps = exps.at[rows, targets].add(-(1.0 - label_smoothing) * total)
     low = exps.astype(hidden.dtype)
     wide = hidden.astype(f32)
     d_hidden = scale[:, None] * jnp.einsum("nv,vw->nw", low, embedding, preferred_element_type=f32)
-    d_hidden = d_hidden - hit[:, None] * embedding[targets].astype(f32)
     scaled = (wide * scale[:, None]).astype(hidden.dtype)
     d_embedding = jnp.einsum("nv,nw->vw", low, scaled, preferred_element_type=f32)
-    d_embedding = d_embedding.at[targets].add(-hit[:, None] * wide)
     # The bias gradient as a product: XLA's CPU backend runs the column sum slowly.
-    d_bias = jnp.einsum("nv,n->v", exps, scale).at[targets].add(-hit)
+    d_bias = jnp.einsum("nv,n->v", exps, scale)
     if label_smoothing:
         spread = label_smoothing / exps.shape[-1]
         d_hidden = d_hidden - spread * g[:, None] * jnp.sum(embedding.astype(f32), axis=0)
