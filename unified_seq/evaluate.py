@@ -27,7 +27,7 @@ from absl import logging
 from clu import metric_writers
 from jax.experimental import multihost_utils
 
-from unified_seq import coco_metrics, sharding, vocab
+from unified_seq import coco_metrics, progress, sharding, vocab
 from unified_seq.data import inputs, pipeline
 from unified_seq.predictor import Predictor, sampling_seed, task_key
 from unified_seq.tasks import build_tasks
@@ -135,14 +135,20 @@ def task_results(
     rng: jax.Array,
     detections: dict | None = None,
     rows_multiple: int = 1,
+    images: int = 0,
 ) -> list[dict]:
     """Every process's results of `task` (each samples its own shard of the split).
 
     `rows_multiple`: a process's batch must be a multiple of it (its devices).
+    `images`: how many images the split holds, for the progress lines' ETA.
     """
     per_example = task.sampler_options(data).num_samples
     size = eval_batch_size(config, rows_multiple)
     results = []
+    # Progress in images, the unit every task shares (segmentation and
+    # keypoints sample several instances of one image).
+    meter = progress.Meter(f"eval {task.name}", -(-images // jax.process_count()), "images")
+    seen: set[int] = set()
     batches = eval_batches(task, data, config, detections, batch_size=size)
     for batch in _in_step(batches):
         if batch is None:
@@ -151,6 +157,8 @@ def task_results(
         n = len(batch["image"])
         samples = sample(task, padded(batch, size), rng)
         results += task.results(batch, _trimmed(samples, n * per_example), data)
+        seen.update(int(i) for i in batch["image/id"])
+        meter.update(len(seen))
     return _gather(results)
 
 
@@ -217,11 +225,8 @@ def evaluate_tasks(
     image_ids = data.examples.map(lambda ex: ex["image/id"])
     if int(config.eval.max_examples):
         image_ids = image_ids.take(int(config.eval.max_examples))
-    truth = coco_metrics.GroundTruth(
-        inputs.coco_dir(config),
-        config.data.eval_split,
-        [int(i) for i in image_ids.as_numpy_iterator()],
-    )
+    ids = [int(i) for i in image_ids.as_numpy_iterator()]
+    truth = coco_metrics.GroundTruth(inputs.coco_dir(config), config.data.eval_split, ids)
     use_detections = config.eval.prompt_boxes == "detections"
     detections = None
     report = {}
@@ -230,7 +235,7 @@ def evaluate_tasks(
         tic = time.perf_counter()
         prompts = detections if task.takes_boxes and use_detections else None
         results = task_results(
-            task, data, config, sample, task_key(seed, task), prompts, rows_multiple
+            task, data, config, sample, task_key(seed, task), prompts, rows_multiple, len(ids)
         )
         if task.gives_boxes and detections is None:
             detections = detections_by_image(results, data.category_map)
@@ -238,7 +243,8 @@ def evaluate_tasks(
             with tf.io.gfile.GFile(os.path.join(workdir, f"{name}_results.json"), "w") as f:
                 json.dump(results, f)
         report[name] = task.metric(results, truth)
-        logging.info("%s: %s in %.1f s", name, report[name], time.perf_counter() - tic)
+        seconds = time.perf_counter() - tic
+        progress.say(f"eval {name}: {json.dumps(report[name])} in {seconds:.1f} s")
     return report
 
 

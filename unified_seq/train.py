@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -40,6 +39,7 @@ from unified_seq.data import inputs, pipeline
 from unified_seq.errors import CheckpointError, ConfigError, NonFiniteError, Preempted
 from unified_seq.loss import hidden_token_loss
 from unified_seq.models import sizes
+from unified_seq.progress import format_eta, say
 from unified_seq.tasks import build_tasks
 
 MIXINGS = ("batch", "data")
@@ -403,14 +403,6 @@ def create_state(
     return state, shardings
 
 
-def _format_eta(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    m, s = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
-
-
 class _Inputs:
     """Per-task tf.data iterators of this process, yielding numpy batches.
 
@@ -604,19 +596,13 @@ def _log_step(
 ) -> None:
     scalars = {k: v for k, v in metrics.items() if k != "finite"}
     writer.write_scalars(step, {**scalars, **truncated, "steps_per_s": rate})
-    eta = _format_eta((total - step) / rate if rate > 0 else float("inf"))
+    eta = format_eta((total - step) / rate if rate > 0 else float("inf"))
     per_task = " ".join(f"{k[5:]} {v:.3f}" for k, v in scalars.items() if k.startswith("loss/"))
     say(
         f"step {step}/{total} | loss {scalars['loss']:.4f} ({per_task}) | "
         f"|g| {scalars['grad_norm']:.2f} | lr {scalars['learning_rate']:.2e} | "
         f"{rate:.2f} steps/s | ETA {eta}"
     )
-
-
-def say(line: str) -> None:
-    """A progress line on process 0's stdout (logging is quiet by default)."""
-    if jax.process_index() == 0:
-        print(line, flush=True)
 
 
 def _config_changes(config: Any, workdir: str) -> list[str]:
