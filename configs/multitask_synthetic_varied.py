@@ -17,8 +17,8 @@ One choice differs from the plain recipe, made on the tune split
 captioning see 2 images a step instead of 4 (detection keeps 8), which
 makes a step ~1.5x cheaper, so the same ~20 minutes give 6200 updates
 instead of 4600. Here what limits detection is the number of updates, and
-it was the better of the recipes tried (learning rate, keypoint weight,
-resolution, a longer schedule).
+it was the best of the recipes tried in that budget (learning rate,
+keypoint weight, resolution, model size).
 
 The set (2000 + 200 + 200 images, ~150 MB of PNGs) is generated on first
 use into its own cache folder, in under a minute on a 2-core CPU.
